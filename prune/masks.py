@@ -1,0 +1,100 @@
+"""Head and FFN-neuron masks (paper Sec. 3.1) and the hooks that apply them.
+
+A head mask ``[L, H]`` scales each head's slice of the attention context before the attention
+output projection; a neuron mask ``[L, N]`` scales the FFN activations before the down
+projection. Both are forward pre-hooks, so they work with any attention implementation (eager or
+SDPA) and do not need the ``head_mask`` argument that transformers 5 removed. A value of 0 means
+the unit is pruned; mask tuning (Sec. 4.3) may set kept units to real values other than 1.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from prune.arch import Adapter
+
+
+@dataclass
+class Masks:
+    head: torch.Tensor  # [L, H]
+    neuron: torch.Tensor  # [L, N]
+
+    @classmethod
+    def ones(cls, adapter: Adapter, device: torch.device | str = "cpu") -> "Masks":
+        return cls(
+            head=torch.ones(adapter.num_layers, adapter.num_heads, device=device),
+            neuron=torch.ones(adapter.num_layers, adapter.intermediate_size, device=device),
+        )
+
+    def clone(self) -> "Masks":
+        return Masks(self.head.detach().clone(), self.neuron.detach().clone())
+
+    def to(self, device: torch.device | str) -> "Masks":
+        return Masks(self.head.to(device), self.neuron.to(device))
+
+    def kept(self) -> "Masks":
+        """The binary pattern: 1 where a unit is kept, 0 where it is pruned."""
+        return Masks((self.head != 0).float(), (self.neuron != 0).float())
+
+    def heads_per_layer(self) -> list[int]:
+        return (self.head != 0).sum(dim=1).tolist()
+
+    def neurons_per_layer(self) -> list[int]:
+        return (self.neuron != 0).sum(dim=1).tolist()
+
+    def summary(self) -> dict:
+        return {
+            "heads_per_layer": self.heads_per_layer(),
+            "neurons_per_layer": self.neurons_per_layer(),
+            "heads_kept": int((self.head != 0).sum()),
+            "heads_total": int(self.head.numel()),
+            "neurons_kept": int((self.neuron != 0).sum()),
+            "neurons_total": int(self.neuron.numel()),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"head": self.head.detach().cpu(), "neuron": self.neuron.detach().cpu()}
+
+
+def _scale_units(mask_row: torch.Tensor, unit_size: int):
+    """A pre-hook that multiplies the input's last dim, viewed as (units, unit_size), by a row."""
+
+    def hook(module: nn.Module, args: tuple):
+        x = args[0]  # (B, T, units * unit_size)
+        shape = x.shape
+        scaled = x.view(*shape[:-1], -1, unit_size) * mask_row.to(x.dtype)[:, None]
+        return (scaled.view(shape), *args[1:])
+
+    return hook
+
+
+@contextmanager
+def apply_masks(
+    model: nn.Module,
+    adapter: Adapter,
+    masks: Masks | None,
+    layers: list[int] | None = None,
+) -> Iterator[None]:
+    """Apply ``masks`` to ``model`` (all layers, or only ``layers``) inside the block.
+
+    The hooks read the mask tensors at call time, so a mask with ``requires_grad`` receives
+    gradients (the Fisher pass) and in-place edits take effect on the next forward.
+    """
+    handles = []
+    if masks is not None:
+        for i in range(adapter.num_layers) if layers is None else layers:
+            attn_out = adapter.module(model, i, "attn_out")
+            ffn_out = adapter.module(model, i, "ffn_out")
+            handles.append(attn_out.register_forward_pre_hook(
+                _scale_units(masks.head[i], adapter.head_size)))
+            handles.append(ffn_out.register_forward_pre_hook(_scale_units(masks.neuron[i], 1)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
