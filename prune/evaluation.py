@@ -1,0 +1,36 @@
+"""Evaluate a (masked, pruned or original) classifier on batches of a task's dev set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prune.data import TaskSpec
+from prune.fisher import to_device
+from prune.metrics import compute_metrics
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: list[dict], progress: bool = False):
+    """Logits and gold labels over ``batches``, in batch order."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
+            inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
+            logits.append(model(**inputs).logits.float().cpu())
+            labels.append(batch["labels"])
+    finally:
+        model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model: nn.Module, batches: list[dict], spec: TaskSpec,
+             progress: bool = False) -> dict[str, float]:
+    logits, labels = predict(model, batches, progress)
+    preds = logits[:, 0] if spec.kind == "regression" else np.argmax(logits, axis=-1)
+    return compute_metrics(spec.metric, preds, labels)

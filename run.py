@@ -1,0 +1,179 @@
+"""Hydra entry point: prune a fine-tuned model on a task under a FLOPs constraint.
+
+    python run.py model=minilm task=sst2 constraint=0.6
+
+Writes ``results.json`` (and the pruned model) into the run directory and prints a summary.
+All the work is done by the ``prune`` library; this file only wires the config to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("FASTPRUNE_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+log = logging.getLogger("fastprune")
+
+
+def task_spec(task_cfg: DictConfig):
+    from prune.data import TaskSpec
+
+    fields = OmegaConf.to_container(task_cfg, resolve=True)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return TaskSpec(**fields)
+
+
+def resolve_checkpoint(cfg: DictConfig, spec, device: str) -> str:
+    """The fine-tuned checkpoint to prune: model.path, a per-task hub id, or the cached
+    fine-tuning of ``model.pretrained`` (done now if missing)."""
+    from prune.errors import PruneError
+    from prune.finetune import FinetuneConfig, finetune
+    from prune.models import resolve_path
+
+    m = cfg.model
+    if m.path:
+        return str(m.path)
+    if m.checkpoints and spec.name in m.checkpoints:
+        return str(m.checkpoints[spec.name])
+    if not (m.pretrained and m.finetune):
+        raise PruneError(f"model {m.name} has no checkpoint for task {spec.name}; "
+                         f"pass model.path=/path/to/finetuned/checkpoint")
+    ft = FinetuneConfig(**OmegaConf.to_container(m.finetune, resolve=True))
+    out = Path(cfg.paths.cache_dir) / "models" / f"{m.name}-{spec.name}"
+    info = out / "finetune.json"
+    if info.exists() and json.loads(info.read_text()).get("config") == ft.__dict__:
+        log.info("using cached fine-tuned %s (%s)", out, json.loads(info.read_text())["dev"])
+        return str(out)
+    base = resolve_path(m.pretrained)
+    log.info("fine-tuning %s on %s once (cached in %s)", m.pretrained, spec.name, out)
+    return str(finetune(base, spec, out, ft, device=device, progress=cfg.progress))
+
+
+def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
+    """One pruning run; returns the record also written to ``out_dir/results.json``
+    (default: the Hydra run directory)."""
+    import numpy as np
+    import torch
+
+    from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model, save_pruned
+    from prune.data import check_data, load_examples, make_batches, sample_indices, tokenize
+    from prune.evaluation import evaluate
+    from prune.metrics import main_metric
+    from prune.models import check_labels, load_config, load_model, pick_device
+    from prune.pipeline import timed
+    from prune.results import git_commit, versions, write_json_atomic
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if out_dir is None:
+        out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # cheap checks first: nothing heavy runs before the input is known to be usable
+    opts = PruneOptions(
+        constraint=cfg.constraint, rearrange=cfg.prune.rearrange,
+        rearrange_sweeps=cfg.prune.rearrange_sweeps, tune=cfg.prune.tune,
+        tune_teacher=cfg.prune.tune_teacher, tune_damp=cfg.prune.tune_damp,
+        tune_max_scale=cfg.prune.tune_max_scale, cls_only_last=cfg.task.kind != "qa",
+    )
+    spec = task_spec(cfg.task)
+    check_data(spec)
+    device = pick_device(cfg.device)
+    checkpoint = resolve_checkpoint(cfg, spec, device)
+    check_labels(load_config(checkpoint), spec.num_labels, spec.name, checkpoint)
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(checkpoint, device=device)
+    adapter = get_adapter(model)
+    train = tokenize(load_examples(spec, "train"), tokenizer, spec.max_seq_length)
+    dev = tokenize(load_examples(spec, "eval"), tokenizer, spec.max_seq_length)
+    samples = sample_indices(len(train), cfg.prune.num_samples, cfg.seed,
+                             cfg.prune.sample_with_replacement)
+    sample_batches = make_batches(train, samples, cfg.prune.batch_size, tokenizer.pad_token_id)
+    eval_idx = np.arange(len(dev))
+    if cfg.eval.max_samples:
+        eval_idx = sample_indices(len(dev), cfg.eval.max_samples, cfg.seed)
+    eval_idx = eval_idx[np.argsort(dev.lengths()[eval_idx], kind="stable")]
+    eval_batches = make_batches(dev, eval_idx, cfg.eval.batch_size, tokenizer.pad_token_id)
+    seq_len = float(cfg.prune.seq_len or dev.lengths()[eval_idx].mean())
+    cost = flops_cost(adapter, seq_len)
+
+    timings: dict[str, float] = {}
+    with timed(timings, "eval_baseline"):
+        baseline = evaluate(model, eval_batches, spec, cfg.progress)
+    params_before = sum(p.numel() for p in model.parameters())
+    result = prune_masks(model, adapter, sample_batches, cost, opts, progress=cfg.progress)
+    timings.update(result.timings)
+    with timed(timings, "physical"):
+        prune_model(model, result.masks, adapter)
+    with timed(timings, "eval_pruned"):
+        pruned = evaluate(model, eval_batches, spec, cfg.progress)
+    timings["pruning_total"] = sum(timings.get(k, 0.0) for k in
+                                   ("fisher", "search", "rearrange", "tune", "physical"))
+    flops_before = 2 * cost.full_macs
+    flops_after = cost.flops(adapter.heads_per_layer(model), adapter.neurons_per_layer(model))
+    key = main_metric(spec.metric)
+    record = {
+        "model": cfg.model.name, "task": spec.name, "checkpoint": checkpoint,
+        "constraint": opts.constraint, "seed": cfg.seed, "device": device,
+        "num_samples": len(samples), "num_eval": len(eval_idx), "seq_len": seq_len,
+        "metric": key, "baseline": baseline, "pruned": pruned,
+        "drop": 100.0 * (baseline[key] - pruned[key]),
+        "flops": {"baseline": flops_before, "pruned": flops_after,
+                  "ratio": flops_after / flops_before},
+        "params": {"baseline": params_before,
+                   "pruned": sum(p.numel() for p in model.parameters())},
+        "timings": timings, "masks": result.masks.summary(),
+        "tune": result.tune_stats.as_dict() if result.tune_stats else None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": git_commit(os.environ["FASTPRUNE_ROOT"]), "versions": versions(),
+    }
+    torch.save({"final": result.masks.state_dict(), "searched": result.searched.state_dict()},
+               out_dir / "masks.pt")
+    if cfg.save_model:
+        save_pruned(model, out_dir / "pruned_model", tokenizer)
+    write_json_atomic(out_dir / "results.json", record)
+    log.info("\n%s", summary_table(record))
+    log.info("results: %s", out_dir / "results.json")
+    return record
+
+
+def summary_table(r: dict) -> str:
+    key, t = r["metric"], r["timings"]
+    rows = [
+        ("model / task", f"{r['model']} / {r['task']}  (constraint {r['constraint']})"),
+        (f"{key} baseline", f"{100 * r['baseline'][key]:.2f}"),
+        (f"{key} pruned", f"{100 * r['pruned'][key]:.2f}  (drop {r['drop']:+.2f} points)"),
+        ("FLOPs kept", f"{r['flops']['ratio']:.3f}  ({r['flops']['pruned'] / 1e9:.3f} / "
+                       f"{r['flops']['baseline'] / 1e9:.3f} GFLOPs at seq {r['seq_len']:.1f})"),
+        ("heads / neurons kept", f"{r['masks']['heads_kept']}/{r['masks']['heads_total']}, "
+                                 f"{r['masks']['neurons_kept']}/{r['masks']['neurons_total']}"),
+        ("time (s)", "  ".join(f"{k} {t[k]:.1f}" for k in
+                               ("fisher", "search", "rearrange", "tune", "physical",
+                                "pruning_total", "eval_baseline", "eval_pruned") if k in t)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from prune.errors import PruneError
+
+    try:
+        run(cfg)
+    except PruneError as err:
+        log.error("error: %s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from conftest import outputs, tiny_batches, tiny_model
+from prune import Masks, apply_masks, compute_fisher, get_adapter, search_masks, flops_cost
+from prune.tune import tune_masks
+
+
+def searched(model, batches, constraint=0.5):
+    adapter = get_adapter(model)
+    fisher = compute_fisher(model, adapter, batches, progress=False)
+    cost = flops_cost(adapter, 10)
+    return adapter, search_masks(fisher.head_importance, fisher.neuron_importance, cost,
+                                 constraint)
+
+
+def layer_errors(model, adapter, masks, batches):
+    """Squared error of each layer's pre-LN FFN sum against the unpruned model's."""
+    def sums(m):
+        store = []
+        hooks = [adapter.module(model, l, "ffn_norm").register_forward_pre_hook(
+            lambda mod, args: store.append(args[0])) for l in range(adapter.num_layers)]
+        try:
+            with torch.no_grad(), apply_masks(model, adapter, m):
+                for b in batches:
+                    outputs(model, b)
+        finally:
+            for h in hooks:
+                h.remove()
+        return store
+
+    ref, got = sums(None), sums(masks)
+    return sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got))
+
+
+def test_tuning_lowers_reconstruction_error(family):
+    model = tiny_model(family, layers=3)
+    batches = tiny_batches(4)
+    adapter, masks = searched(model, batches, 0.5)
+    tuned, stats = tune_masks(model, adapter, masks, batches, progress=False)
+    # the solver's own accounting: every fitted layer got no worse, and most got better
+    for before, after in ((stats.attn_before, stats.attn_after),
+                          (stats.ffn_before, stats.ffn_after)):
+        assert all(a <= b + 1e-9 for a, b in zip(after, before))
+    assert sum(stats.ffn_after) < sum(stats.ffn_before)
+    # an independent measurement on the same samples: the model is closer to the unpruned one
+    assert layer_errors(model, adapter, tuned, batches) < layer_errors(model, adapter, masks,
+                                                                        batches)
+    assert torch.equal(tuned.kept().head, masks.head)  # tuning never changes which units stay
+    assert torch.equal(tuned.kept().neuron, masks.neuron)
+    assert not stats.fallbacks
+
+
+def test_unpruned_masks_are_a_fixed_point(family):
+    """With every unit kept the student is the teacher: all scales stay at 1."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    tuned, _ = tune_masks(model, adapter, Masks.ones(adapter), tiny_batches(2), progress=False)
+    assert torch.allclose(tuned.head, torch.ones_like(tuned.head), atol=1e-4)
+    assert torch.allclose(tuned.neuron, torch.ones_like(tuned.neuron), atol=1e-4)
+
+
+def test_zero_head_layer_and_one_neuron_layer_are_handled(family):
+    model = tiny_model(family, layers=3)
+    adapter = get_adapter(model)
+    masks = Masks.ones(adapter)
+    masks.head[1] = 0.0
+    masks.neuron[2] = 0.0
+    masks.neuron[2, 4] = 1.0
+    tuned, stats = tune_masks(model, adapter, masks, tiny_batches(3), progress=False)
+    assert tuned.heads_per_layer() == [4, 0, 4]
+    assert tuned.neurons_per_layer() == [48, 48, 1]
+    assert torch.isfinite(tuned.neuron).all() and torch.isfinite(tuned.head).all()
+    assert len(stats.attn_after) == 2 and len(stats.ffn_after) == 3
+
+
+def test_out_of_range_scale_falls_back_to_previous_values():
+    model = tiny_model("bert", layers=2)
+    batches = tiny_batches(3)
+    adapter, masks = searched(model, batches, 0.4)
+    tuned, stats = tune_masks(model, adapter, masks, batches, max_scale=1e-3, progress=False)
+    assert stats.fallbacks, "every solve exceeds a 1e-3 scale bound and must fall back"
+    assert torch.equal(tuned.head, masks.head) and torch.equal(tuned.neuron, masks.neuron)
+
+
+@pytest.mark.parametrize("teacher_constraint", [0.8])
+def test_teacher_assistant_target_runs(teacher_constraint):
+    model = tiny_model("bert", layers=2)
+    batches = tiny_batches(3)
+    adapter, masks = searched(model, batches, 0.5)
+    _, ta = searched(model, batches, teacher_constraint)
+    tuned, stats = tune_masks(model, adapter, masks, batches, teacher=ta, progress=False)
+    assert torch.equal(tuned.kept().neuron, masks.neuron)
+    assert all(a <= b + 1e-9 for a, b in zip(stats.ffn_after, stats.ffn_before))
