@@ -93,8 +93,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(checkpoint, device=device)
     adapter = get_adapter(model)
-    train = tokenize(load_examples(spec, "train"), tokenizer, spec.max_seq_length)
-    dev = tokenize(load_examples(spec, "eval"), tokenizer, spec.max_seq_length)
+    max_len = min(spec.max_seq_length, model.config.max_position_embeddings)
+    train = tokenize(load_examples(spec, "train"), tokenizer, max_len)
+    dev = tokenize(load_examples(spec, "eval"), tokenizer, max_len)
     samples = sample_indices(len(train), cfg.prune.num_samples, cfg.seed,
                              cfg.prune.sample_with_replacement)
     sample_batches = make_batches(train, samples, cfg.prune.batch_size, tokenizer.pad_token_id)

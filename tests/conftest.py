@@ -28,13 +28,13 @@ def tiny_model(family: str = "bert", qa: bool = False, num_labels: int = 2, laye
     if family == "bert":
         config = BertConfig(vocab_size=120, hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=heads, intermediate_size=ffn,
-                            max_position_embeddings=64, num_labels=num_labels,
+                            max_position_embeddings=128, num_labels=num_labels,
                             initializer_range=0.2, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
         cls = BertForQuestionAnswering if qa else BertForSequenceClassification
     else:
         config = DistilBertConfig(vocab_size=120, dim=hidden, n_layers=layers, n_heads=heads,
-                                  hidden_dim=ffn, max_position_embeddings=64,
+                                  hidden_dim=ffn, max_position_embeddings=128,
                                   num_labels=num_labels, initializer_range=0.2, dropout=0.0,
                                   attention_dropout=0.0)
         cls = DistilBertForQuestionAnswering if qa else DistilBertForSequenceClassification
