@@ -102,6 +102,31 @@ def _layer_inputs(model: nn.Module, adapter: Adapter, batches: list[dict]) -> li
     return cache
 
 
+def repack_by_length(batches: list[dict], batch_size: int | None = None) -> list[dict]:
+    """The same samples regrouped by length, so that batches carry almost no padding.
+
+    Least squares sums over tokens, so the grouping does not change the solution; it only
+    removes the padded positions every layer would otherwise compute. Labels are dropped.
+    """
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches[0]]
+    batch_size = batch_size or max(int(b["input_ids"].shape[0]) for b in batches)
+    rows = [(int(b["attention_mask"][i].sum()), {k: b[k][i] for k in keys})
+            for b in batches for i in range(b["input_ids"].shape[0])]
+    rows.sort(key=lambda r: r[0])
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(n for n, _ in chunk)
+        out.append({k: torch.stack([_fit_width(row[k], width) for _, row in chunk])
+                    for k in keys})
+    return out
+
+
+def _fit_width(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Cut or zero-pad a 1-d row to ``width`` (positions past the length are padding)."""
+    return x[:width] if x.numel() >= width else torch.nn.functional.pad(x, (0, width - x.numel()))
+
+
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, extra: tuple) -> torch.Tensor | None:
     args, kwargs = extra
     try:
@@ -158,11 +183,6 @@ def _fit(normal: _Normal, old: torch.Tensor, damp: float, max_scale: float,
     return new.to(old.dtype).to(old.device), before, normal.error(new)
 
 
-def _select(x: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Flatten (B, T, ...) to the selected tokens (T', ...)."""
-    return x[token_mask]
-
-
 @torch.no_grad()
 def tune_masks(
     model: nn.Module,
@@ -175,112 +195,144 @@ def tune_masks(
     cls_only_last: bool = False,
     progress: bool = True,
 ) -> tuple[Masks, TuneStats]:
-    """Fit the kept mask values of ``masks`` layer by layer; returns new masks and statistics."""
+    """Fit the kept mask values of ``masks`` layer by layer; returns new masks and statistics.
+
+    Per layer and batch: one teacher forward of the layer, one student pass up to the attention
+    context, then only the output projection, the FFN up projection (twice) and the down
+    projection are recomputed; the student layer is never run again whole.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = [to_device(b, device) for b in batches]
+    batches = [to_device(b, device) for b in repack_by_length(batches)]
     masks = masks.clone().to(device)
     teacher = teacher.to(device) if teacher is not None else None
     stats = TuneStats()
     student_in = _layer_inputs(model, adapter, batches)
     teacher_in = list(student_in)
-    token_masks = [b["attention_mask"].bool() for b in batches]
-    layers = adapter.layers(model)
+    tokens = [b["attention_mask"].bool() for b in batches]
     try:
         for l in tqdm(range(adapter.num_layers), desc="tune", disable=not progress, leave=False):
-            last = l == adapter.num_layers - 1
-            ffn_tokens = token_masks
-            if cls_only_last and last:
-                ffn_tokens = [torch.zeros_like(t).index_fill_(1, torch.tensor([0], device=device),
-                                                               True) for t in token_masks]
-            targets = _teacher_pass(model, adapter, layers[l], l, teacher, teacher_in,
-                                    token_masks, ffn_tokens)
-            attn_normal = _attention_pass(model, adapter, layers[l], l, masks, student_in,
-                                          token_masks, targets[0])
-            kept = masks.head[l].nonzero().flatten()
-            if kept.numel():
-                new, before, after = _fit(attn_normal, masks.head[l, kept], damp, max_scale,
-                                          f"layer {l} heads", stats)
-                masks.head[l, kept] = new
-                stats.attn_before.append(before)
-                stats.attn_after.append(after)
-            ffn_normal = _ffn_pass(model, adapter, layers[l], l, masks, student_in,
-                                   ffn_tokens, targets[1])
-            kept = masks.neuron[l].nonzero().flatten()
-            if kept.numel():
-                new, before, after = _fit(ffn_normal, masks.neuron[l, kept], damp, max_scale,
-                                          f"layer {l} neurons", stats)
-                masks.neuron[l, kept] = new
-                stats.ffn_before.append(before)
-                stats.ffn_after.append(after)
-            if not last:
-                with apply_masks(model, adapter, masks, layers=[l]):
-                    student_in = [(_run_layer(layers[l], h, (a, k)), a, k)
-                                  for h, a, k in student_in]
+            ffn_tokens = tokens
+            if cls_only_last and l == adapter.num_layers - 1:
+                ffn_tokens = [_first_token(t) for t in tokens]
+            attn_targets, ffn_targets = _teacher_pass(model, adapter, l, teacher, teacher_in,
+                                                      tokens, ffn_tokens)
+            contexts, normal = _attention_pass(model, adapter, l, masks, student_in, tokens,
+                                               attn_targets)
+            _update(masks.head, l, normal, damp, max_scale, f"layer {l} heads",
+                    stats.attn_before, stats.attn_after, stats)
+            ffn_inputs, normal = _ffn_pass(model, adapter, l, masks, student_in, contexts,
+                                           ffn_tokens, ffn_targets)
+            del contexts
+            _update(masks.neuron, l, normal, damp, max_scale, f"layer {l} neurons",
+                    stats.ffn_before, stats.ffn_after, stats)
+            if l < adapter.num_layers - 1:
+                student_in = [(_ffn_block(model, adapter, l, y, masks.neuron[l]), a, k)
+                              for y, (_, a, k) in zip(ffn_inputs, student_in)]
     finally:
         model.train(was_training)
     return masks, stats
 
 
-def _teacher_pass(model, adapter, layer, l, teacher, teacher_in, token_masks, ffn_tokens):
+def _first_token(token_mask: torch.Tensor) -> torch.Tensor:
+    first = torch.zeros_like(token_mask)
+    first[:, 0] = True
+    return first
+
+
+def _update(mask: torch.Tensor, l: int, normal: "_Normal", damp: float, max_scale: float,
+            what: str, before: list, after: list, stats: TuneStats) -> None:
+    kept = mask[l].nonzero().flatten()
+    if kept.numel() == 0:
+        return
+    new, err_before, err_after = _fit(normal, mask[l, kept], damp, max_scale, what, stats)
+    mask[l, kept] = new
+    before.append(err_before)
+    after.append(err_after)
+
+
+def _teacher_pass(model, adapter, l, teacher, teacher_in, tokens, ffn_tokens):
     """Run the teacher's layer ``l``; keep its pre-LN sums and advance its inputs in place."""
     attn_targets, ffn_targets = [], []
     store: dict = {}
     hooks = [(adapter.module(model, l, "attn_norm"), "z_attn", "in"),
              (adapter.module(model, l, "ffn_norm"), "z_ffn", "in")]
+    layer = adapter.layers(model)[l]
     with apply_masks(model, adapter, teacher, layers=[l]), _capture(store, hooks):
         for b, (h, args, kwargs) in enumerate(teacher_in):
             out = _run_layer(layer, h, (args, kwargs))
-            attn_targets.append(_select(store["z_attn"], token_masks[b]))
-            ffn_targets.append(_select(store["z_ffn"], ffn_tokens[b]))
+            attn_targets.append(store["z_attn"][tokens[b]])
+            ffn_targets.append(store["z_ffn"][ffn_tokens[b]])
             teacher_in[b] = (out, args, kwargs)
     return attn_targets, ffn_targets
 
 
-def _attention_pass(model, adapter, layer, l, masks, student_in, token_masks, targets):
-    """Normal equations of the kept heads' scales of layer ``l`` (student stops at attn norm)."""
+def _masked_linear(linear: nn.Linear, x: torch.Tensor, mask_row: torch.Tensor) -> torch.Tensor:
+    """``linear`` applied to ``x`` whose last dim is (units x unit_size), units scaled by mask."""
+    scaled = x.view(*x.shape[:-1], mask_row.numel(), -1) * mask_row[:, None]
+    return linear(scaled.view(x.shape))
+
+
+def _attention_pass(model, adapter, l, masks, student_in, tokens, targets):
+    """Normal equations of the kept heads' scales; also returns each batch's raw context."""
     kept = masks.head[l].nonzero().flatten()
     out_proj = adapter.module(model, l, "attn_out")
     dh = adapter.head_size
     W = out_proj.weight.view(out_proj.weight.shape[0], -1, dh)[:, kept]  # [D, K, dh]
     bias = out_proj.bias if out_proj.bias is not None else 0.0
     normal = _Normal(kept.numel())
-    store: dict = {}
-    hooks = [(out_proj, "u", "in"), (out_proj, "o", "out"),
-             (adapter.module(model, l, "attn_norm"), "z", "in")]
-    with apply_masks(model, adapter, masks, layers=[l]), _capture(store, hooks, stop_at="z"):
+    contexts, store = [], {}
+    layer = adapter.layers(model)[l]
+    with _capture(store, [(out_proj, "u", "in")], stop_at="u"):
         for b, (h, args, kwargs) in enumerate(student_in):
             _run_layer(layer, h, (args, kwargs))
+            contexts.append(store["u"])  # (B, T, H * dh), before any mask
             if kept.numel() == 0:
                 continue
-            sel = token_masks[b]
-            u = _select(store["u"], sel).view(-1, masks.head.shape[1], dh)[:, kept]  # [T, K, dh]
-            residual = _select(store["z"] - store["o"], sel)  # [T, D]
-            r = targets[b] - bias - residual  # [T, D]
-            Y = torch.einsum("tkd,ekd->kte", u, W)  # [K, T, D]
+            u = store["u"][tokens[b]].view(-1, adapter.num_heads, dh)[:, kept]  # [T, K, dh]
+            r = targets[b] - bias - h[tokens[b]]  # [T, D]: what the kept heads must produce
+            Y = torch.einsum("tkd,ekd->kte", u, W)  # [K, T, D]: each head's contribution
             normal.add(torch.einsum("kte,jte->kj", Y, Y), torch.einsum("kte,te->k", Y, r), r)
-    return normal
+    return contexts, normal
 
 
-def _ffn_pass(model, adapter, layer, l, masks, student_in, ffn_tokens, targets):
-    """Normal equations of the kept neurons' scales of layer ``l``."""
+def _ffn_activations(model, adapter, l, y: torch.Tensor) -> torch.Tensor:
+    """The FFN activations (input of the down projection) for FFN input ``y``."""
+    store: dict = {}
+    entry = adapter.module(model, l, "ffn_entry")
+    with _capture(store, [(adapter.module(model, l, "ffn_out"), "a", "in")], stop_at="a"):
+        try:
+            return entry(y)  # the entry module ends at the activations (BERT's intermediate)
+        except _Stop:
+            return store["a"]  # the entry module goes on to the down projection (DistilBERT)
+
+
+def _ffn_pass(model, adapter, l, masks, student_in, contexts, ffn_tokens, targets):
+    """FFN inputs under the tuned head masks, and the normal equations of the kept neurons."""
     kept = masks.neuron[l].nonzero().flatten()
+    out_proj = adapter.module(model, l, "attn_out")
+    attn_norm = adapter.module(model, l, "attn_norm")
     down = adapter.module(model, l, "ffn_out")
     W = down.weight[:, kept]  # [D, K]
     WtW = W.t() @ W  # [K, K]
     bias = down.bias if down.bias is not None else 0.0
     normal = _Normal(kept.numel())
-    store: dict = {}
-    hooks = [(down, "a", "in"), (down, "o", "out"),
-             (adapter.module(model, l, "ffn_norm"), "z", "in")]
-    with apply_masks(model, adapter, masks, layers=[l]), _capture(store, hooks, stop_at="z"):
-        for b, (h, args, kwargs) in enumerate(student_in):
-            _run_layer(layer, h, (args, kwargs))
-            if kept.numel() == 0:
-                continue
-            sel = ffn_tokens[b]
-            a = _select(store["a"], sel)[:, kept]  # [T, K]
-            r = targets[b] - bias - _select(store["z"] - store["o"], sel)  # [T, D]
-            normal.add((a.t() @ a) * WtW, (a * (r @ W)).sum(dim=0), r)
-    return normal
+    inputs = []
+    for b, ((h, _, _), u) in enumerate(zip(student_in, contexts)):
+        y = attn_norm(h + _masked_linear(out_proj, u, masks.head[l]))  # (B, T, D)
+        inputs.append(y)
+        if kept.numel() == 0:
+            continue
+        sel = ffn_tokens[b]
+        a = _ffn_activations(model, adapter, l, y[sel])[:, kept]  # [T, K]
+        r = targets[b] - bias - y[sel]  # [T, D]
+        normal.add((a.t() @ a) * WtW, (a * (r @ W)).sum(dim=0), r)
+    return inputs, normal
+
+
+def _ffn_block(model, adapter, l, y: torch.Tensor, neuron_mask: torch.Tensor) -> torch.Tensor:
+    """The student layer's output from its FFN input ``y`` (post-LN residual block)."""
+    down = adapter.module(model, l, "ffn_out")
+    a = _ffn_activations(model, adapter, l, y)
+    return adapter.module(model, l, "ffn_norm")(y + down(a * neuron_mask))

@@ -92,3 +92,31 @@ def test_teacher_assistant_target_runs(teacher_constraint):
     tuned, stats = tune_masks(model, adapter, masks, batches, teacher=ta, progress=False)
     assert torch.equal(tuned.kept().neuron, masks.neuron)
     assert all(a <= b + 1e-9 for a, b in zip(stats.ffn_after, stats.ffn_before))
+
+
+def test_cached_student_recomputation_matches_the_masked_layer(family):
+    """Tuning rebuilds each student layer from its cached context; it must equal the real
+    masked forward of that layer."""
+    from prune.tune import _attention_pass, _ffn_block, _ffn_pass, _layer_inputs, _run_layer
+
+    model = tiny_model(family, layers=2)
+    adapter = get_adapter(model)
+    batches = tiny_batches(2)
+    masks = Masks.ones(adapter)
+    masks.head[0, 1] = 0.0
+    masks.head[0, 2] = 1.7
+    masks.neuron[0, ::3] = 0.0
+    masks.neuron[0, 1] = 0.4
+    inputs = _layer_inputs(model, adapter, batches)
+    tokens = [b["attention_mask"].bool() for b in batches]
+    D = adapter.hidden_size
+    fake_targets = [torch.zeros(int(t.sum()), D) for t in tokens]
+    with torch.no_grad():
+        contexts, _ = _attention_pass(model, adapter, 0, masks, inputs, tokens, fake_targets)
+        ffn_in, _ = _ffn_pass(model, adapter, 0, masks, inputs, contexts, tokens, fake_targets)
+        layer = adapter.layers(model)[0]
+        for (h, a, k), y in zip(inputs, ffn_in):
+            with apply_masks(model, adapter, masks, layers=[0]):
+                expected = _run_layer(layer, h, (a, k))
+            got = _ffn_block(model, adapter, 0, y, masks.neuron[0])
+            assert torch.allclose(got, expected, atol=1e-5)
