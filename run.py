@@ -60,12 +60,11 @@ def resolve_checkpoint(cfg: DictConfig, spec, device: str) -> str:
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     """One pruning run; returns the record also written to ``out_dir/results.json``
     (default: the Hydra run directory)."""
-    import numpy as np
     import torch
 
     from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model, save_pruned
-    from prune.data import check_data, load_examples, make_batches, sample_indices, tokenize
-    from prune.evaluation import evaluate
+    from prune.data import check_data
+    from prune.tasks import build_task_data, evaluate_task
     from prune.metrics import main_metric
     from prune.models import check_labels, load_config, load_model, pick_device
     from prune.pipeline import timed
@@ -88,35 +87,30 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     check_data(spec)
     device = pick_device(cfg.device)
     checkpoint = resolve_checkpoint(cfg, spec, device)
-    check_labels(load_config(checkpoint), spec.num_labels, spec.name, checkpoint)
+    check_labels(load_config(checkpoint), spec, checkpoint)
 
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(checkpoint, device=device)
+    model, tokenizer = load_model(checkpoint, kind=spec.kind, device=device)
     adapter = get_adapter(model)
-    max_len = min(spec.max_seq_length, model.config.max_position_embeddings)
-    train = tokenize(load_examples(spec, "train"), tokenizer, max_len)
-    dev = tokenize(load_examples(spec, "eval"), tokenizer, max_len)
-    samples = sample_indices(len(train), cfg.prune.num_samples, cfg.seed,
-                             cfg.prune.sample_with_replacement)
-    sample_batches = make_batches(train, samples, cfg.prune.batch_size, tokenizer.pad_token_id)
-    eval_idx = np.arange(len(dev))
-    if cfg.eval.max_samples:
-        eval_idx = sample_indices(len(dev), cfg.eval.max_samples, cfg.seed)
-    eval_idx = eval_idx[np.argsort(dev.lengths()[eval_idx], kind="stable")]
-    eval_batches = make_batches(dev, eval_idx, cfg.eval.batch_size, tokenizer.pad_token_id)
-    seq_len = float(cfg.prune.seq_len or dev.lengths()[eval_idx].mean())
+    data = build_task_data(
+        spec, tokenizer, cfg.prune.num_samples, cfg.seed, cfg.prune.sample_with_replacement,
+        cfg.prune.batch_size, cfg.eval.batch_size, cfg.eval.max_samples,
+        max_length=min(spec.max_seq_length, model.config.max_position_embeddings))
+    main_eval = data.eval_sets["eval"]
+    seq_len = float(cfg.prune.seq_len or main_eval.mean_length)
     cost = flops_cost(adapter, seq_len)
+    sample_batches = data.sample_batches
 
     timings: dict[str, float] = {}
     with timed(timings, "eval_baseline"):
-        baseline = evaluate(model, eval_batches, spec, cfg.progress)
+        baseline = evaluate_task(model, data, spec, cfg.progress)
     params_before = sum(p.numel() for p in model.parameters())
     result = prune_masks(model, adapter, sample_batches, cost, opts, progress=cfg.progress)
     timings.update(result.timings)
     with timed(timings, "physical"):
         prune_model(model, result.masks, adapter)
     with timed(timings, "eval_pruned"):
-        pruned = evaluate(model, eval_batches, spec, cfg.progress)
+        pruned = evaluate_task(model, data, spec, cfg.progress)
     timings["pruning_total"] = sum(timings.get(k, 0.0) for k in
                                    ("fisher", "search", "rearrange", "tune", "physical"))
     flops_before = 2 * cost.full_macs
@@ -125,7 +119,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     record = {
         "model": cfg.model.name, "task": spec.name, "checkpoint": checkpoint,
         "constraint": opts.constraint, "seed": cfg.seed, "device": device,
-        "num_samples": len(samples), "num_eval": len(eval_idx), "seq_len": seq_len,
+        "num_samples": data.num_samples, "num_eval": main_eval.size, "seq_len": seq_len,
         "metric": key, "baseline": baseline, "pruned": pruned,
         "drop": 100.0 * (baseline[key] - pruned[key]),
         "flops": {"baseline": flops_before, "pruned": flops_after,
@@ -153,6 +147,8 @@ def summary_table(r: dict) -> str:
         ("model / task", f"{r['model']} / {r['task']}  (constraint {r['constraint']})"),
         (f"{key} baseline", f"{100 * r['baseline'][key]:.2f}"),
         (f"{key} pruned", f"{100 * r['pruned'][key]:.2f}  (drop {r['drop']:+.2f} points)"),
+        *((f"{k} base/pruned", f"{100 * r['baseline'][k]:.2f} / {100 * r['pruned'][k]:.2f}")
+          for k in r["baseline"] if "/" in k and k.endswith("/" + key)),
         ("FLOPs kept", f"{r['flops']['ratio']:.3f}  ({r['flops']['pruned'] / 1e9:.3f} / "
                        f"{r['flops']['baseline'] / 1e9:.3f} GFLOPs at seq {r['seq_len']:.1f})"),
         ("heads / neurons kept", f"{r['masks']['heads_kept']}/{r['masks']['heads_total']}, "

@@ -26,7 +26,7 @@ class TaskSpec:
     """What a task is and where its data lives (one ``conf/task/*.yaml`` each)."""
 
     name: str
-    kind: str  # "classification" or "regression"
+    kind: str  # "classification", "regression" or "qa"
     num_labels: int
     metric: str  # see prune.metrics.METRICS
     text_columns: tuple[str, ...]  # local TSV columns holding the text (1 or 2)
@@ -34,6 +34,7 @@ class TaskSpec:
     local_dir: str | None = None
     train_files: tuple[str, ...] = ("train.tsv",)  # the first that exists is used
     eval_files: tuple[str, ...] = ("dev.tsv",)
+    extra_eval_files: dict = field(default_factory=dict)  # name -> files, e.g. MNLI mismatched
     label_values: tuple[str, ...] | None = None  # label strings in id order, if not integers
     header: bool = True
     column_names: tuple[str, ...] | None = None  # for header-less files (CoLA)
@@ -42,14 +43,38 @@ class TaskSpec:
     hub_train_split: str = "train"
     hub_eval_split: str = "validation"
     hub_text_columns: tuple[str, ...] | None = None  # default: text_columns
+    hub_extra_eval_splits: dict = field(default_factory=dict)
     hub_label_column: str = "label"
     max_seq_length: int = 128
-    extra: dict = field(default_factory=dict)
+    # question answering (kind "qa"): SQuAD version and the standard post-processing settings
+    squad_version: int = 1
+    doc_stride: int = 128
+    n_best: int = 20
+    max_answer_length: int = 30
+    null_threshold: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("classification", "regression"):
-            raise PruneError(f"task {self.name}: kind must be classification or regression, "
+        if self.kind not in ("classification", "regression", "qa"):
+            raise PruneError(f"task {self.name}: kind must be classification, regression or qa, "
                              f"not {self.kind!r}")
+
+    def split_files(self, split: str) -> tuple[str, ...]:
+        """Local file names of ``train``, ``eval`` or ``eval:<name>`` (an extra eval set)."""
+        if split == "train":
+            return tuple(self.train_files)
+        if split == "eval":
+            return tuple(self.eval_files)
+        return tuple(self.extra_eval_files[split.split(":", 1)[1]])
+
+    def hub_split(self, split: str) -> str:
+        if split == "train":
+            return self.hub_train_split
+        if split == "eval":
+            return self.hub_eval_split
+        return self.hub_extra_eval_splits[split.split(":", 1)[1]]
+
+    def eval_splits(self) -> list[str]:
+        return ["eval", *(f"eval:{name}" for name in self.extra_eval_files)]
 
 
 @dataclass
@@ -67,8 +92,7 @@ def _offline() -> bool:
 def find_local_file(spec: TaskSpec, split: str) -> Path | None:
     if not spec.local_dir:
         return None
-    names = spec.train_files if split == "train" else spec.eval_files
-    for name in names:
+    for name in spec.split_files(split):
         path = Path(spec.local_dir) / name
         if path.exists():
             return path
@@ -133,7 +157,7 @@ def _labels(raw: list, spec: TaskSpec, source: str) -> np.ndarray:
 
 
 def _load_hub(spec: TaskSpec, split: str) -> Examples:
-    hub_split = spec.hub_train_split if split == "train" else spec.hub_eval_split
+    hub_split = spec.hub_split(split)
     where = f"{spec.hub_path}/{spec.hub_name or ''}:{hub_split}"
     try:
         import datasets
@@ -147,31 +171,36 @@ def _load_hub(spec: TaskSpec, split: str) -> Examples:
 
 
 def load_examples(spec: TaskSpec, split: str) -> Examples:
-    """``split`` is ``train`` or ``eval``: local files when present, else the hub."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be train or eval, not {split!r}")
+    """``split`` is ``train``, ``eval`` or ``eval:<name>``: local files when present, else
+    the hub."""
     path = find_local_file(spec, split)
     if path is not None:
         return _read_examples(path, spec)
-    names = spec.train_files if split == "train" else spec.eval_files
+    require_hub(spec, split)
+    return _load_hub(spec, split)
+
+
+def require_hub(spec: TaskSpec, split: str) -> None:
+    """Raise the explanatory error when ``split`` has no local file and the hub is unusable."""
+    names = spec.split_files(split)
     local = f"{spec.local_dir}/{{{','.join(names)}}}" if spec.local_dir else "(no local dir set)"
     if spec.hub_path is None or _offline():
         why = "the hub is offline (HF_*_OFFLINE=1)" if spec.hub_path else "it has no hub dataset"
         raise PruneError(
             f"no {split} data for task {spec.name}: {local} not found and {why}; "
-            f"put the GLUE files there or set paths.data_dir / task.local_dir"
+            f"put the files there or set paths.data_dir / task.local_dir"
         )
-    return _load_hub(spec, split)
 
 
 def check_data(spec: TaskSpec) -> None:
-    """Fail fast: both splits are findable and local files have the needed columns."""
-    for split in ("train", "eval"):
+    """Fail fast: every split is findable and local files have the needed columns."""
+    for split in ("train", *spec.eval_splits()):
         path = find_local_file(spec, split)
         if path is None:
-            if spec.hub_path is None or _offline():
-                load_examples(spec, split)  # raises the explanatory error
+            require_hub(spec, split)
             continue
+        if spec.kind == "qa":
+            continue  # SQuAD JSON is checked when read
         with open(path, encoding="utf-8") as handle:
             first = [c.strip() for c in handle.readline().rstrip("\n").split("\t")]
         _check_columns(path, spec, list(spec.column_names) if spec.column_names else first)
@@ -181,7 +210,11 @@ def check_data(spec: TaskSpec) -> None:
 class Features:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
-    labels: np.ndarray
+    targets: dict[str, np.ndarray]  # per-row model targets: labels, or start/end positions
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.targets["labels"]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -193,7 +226,8 @@ class Features:
 def tokenize(examples: Examples, tokenizer, max_length: int) -> Features:
     columns = list(zip(*examples.texts))
     encoded = tokenizer(*columns, truncation=True, max_length=max_length)
-    return Features(encoded["input_ids"], encoded.get("token_type_ids"), examples.labels)
+    return Features(encoded["input_ids"], encoded.get("token_type_ids"),
+                    {"labels": examples.labels})
 
 
 def sample_indices(total: int, count: int, seed: int, replace: bool = False) -> np.ndarray:
@@ -227,7 +261,8 @@ def make_batches(features: Features, indices, batch_size: int, pad_id: int = 0,
         if features.token_type_ids is not None:
             batch["token_type_ids"] = types
         if with_labels:
-            labels = torch.as_tensor(features.labels[chunk])
-            batch["labels"] = labels.float() if labels.is_floating_point() else labels.long()
+            for key, values in features.targets.items():
+                target = torch.as_tensor(values[chunk])
+                batch[key] = target.float() if target.is_floating_point() else target.long()
         batches.append(batch)
     return batches

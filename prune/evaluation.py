@@ -34,3 +34,22 @@ def evaluate(model: nn.Module, batches: list[dict], spec: TaskSpec,
     logits, labels = predict(model, batches, progress)
     preds = logits[:, 0] if spec.kind == "regression" else np.argmax(logits, axis=-1)
     return compute_metrics(spec.metric, preds, labels)
+
+
+@torch.no_grad()
+def predict_qa(model: nn.Module, batches: list[dict], progress: bool = False):
+    """Unpadded start and end logits per feature, in batch order."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    starts, ends = [], []
+    try:
+        for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
+            out = model(**to_device(batch, device))
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            for row, n in enumerate(lengths):
+                starts.append(out.start_logits[row, :n].float().cpu().numpy())
+                ends.append(out.end_logits[row, :n].float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return starts, ends

@@ -12,6 +12,7 @@ METRICS = {
     "accuracy_f1": ("accuracy", "f1"),
     "mcc": ("mcc",),
     "pearson_spearman": ("pearson", "spearmanr"),
+    "squad": ("f1", "exact"),  # computed by prune.squad.squad_metrics
 }
 
 

@@ -52,11 +52,18 @@ def load_config(name_or_path: str):
                          f"{str(err).splitlines()[0]}.{hint}") from None
 
 
-def check_labels(config, num_labels: int, task: str, name: str) -> None:
-    if config.num_labels != num_labels:
+def check_labels(config, spec, name: str) -> None:
+    """The checkpoint's head fits the task: label count, or a question-answering head."""
+    archs = getattr(config, "architectures", None) or []
+    if spec.kind == "qa":
+        if archs and not any(a.endswith("ForQuestionAnswering") for a in archs):
+            raise PruneError(f"checkpoint {name} is a {archs[0]}, but task {spec.name} needs a "
+                             f"question-answering checkpoint (…ForQuestionAnswering)")
+        return
+    if config.num_labels != spec.num_labels:
         raise PruneError(
-            f"checkpoint {name} has {config.num_labels} label(s) but task {task} needs "
-            f"{num_labels}; pass a checkpoint fine-tuned on {task}"
+            f"checkpoint {name} has {config.num_labels} label(s) but task {spec.name} needs "
+            f"{spec.num_labels}; pass a checkpoint fine-tuned on {spec.name}"
         )
 
 

@@ -11,6 +11,7 @@ os.environ["WANDB_MODE"] = "disabled"
 ROOT = Path(__file__).resolve().parents[1]
 os.environ["FASTPRUNE_ROOT"] = str(ROOT)
 SHARED = ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -104,8 +105,10 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Saved tiny checkpoints (with tokenizer) for end-to-end runs: 2-label and 1-label."""
     root = tmp_path_factory.mktemp("ckpt")
     paths = {}
-    for name, labels in (("cls2", 2), ("reg1", 1)):
-        model = tiny_model("bert", num_labels=labels, layers=2, heads=4, hidden=32, ffn=48)
+    for name, labels in (("cls2", 2), ("reg1", 1), ("cls3", 3), ("qa", 2), ("distil_qa", 2)):
+        family = "distilbert" if name.startswith("distil") else "bert"
+        model = tiny_model(family, qa=name.endswith("qa"), num_labels=labels, layers=2, heads=4,
+                           hidden=32, ffn=48)
         model.config.vocab_size = 120
         model.save_pretrained(root / name)
         write_tokenizer(root / name)
