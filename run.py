@@ -63,7 +63,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     import torch
 
     from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model, save_pruned
+    from prune.cache import cached_fisher, checkpoint_fingerprint, fisher_key
     from prune.data import check_data
+    from prune.fisher import compute_fisher
     from prune.tasks import build_task_data, evaluate_task
     from prune.metrics import main_metric
     from prune.models import check_labels, load_config, load_model, pick_device
@@ -75,6 +77,10 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if out_dir is None:
         out_dir = HydraConfig.get().runtime.output_dir
     out_dir = Path(out_dir)
+    done = out_dir / "results.json"
+    if done.exists() and not cfg.force:
+        log.info("skipping: %s exists (force=true re-runs)", done)
+        return json.loads(done.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     # cheap checks first: nothing heavy runs before the input is known to be usable
     opts = PruneOptions(
@@ -105,8 +111,17 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     with timed(timings, "eval_baseline"):
         baseline = evaluate_task(model, data, spec, cfg.progress)
     params_before = sum(p.numel() for p in model.parameters())
-    result = prune_masks(model, adapter, sample_batches, cost, opts, progress=cfg.progress)
+    key = fisher_key(model=checkpoint_fingerprint(checkpoint), task=spec.name, seed=cfg.seed,
+                     num_samples=cfg.prune.num_samples, batch_size=cfg.prune.batch_size,
+                     replace=cfg.prune.sample_with_replacement, max_length=data.max_length)
+    fisher_timing: dict[str, float] = {}
+    with timed(fisher_timing, "fisher"):
+        fisher, hit = cached_fisher(cfg.prune.fisher_cache_dir, key, lambda: compute_fisher(
+            model, adapter, sample_batches, cfg.progress))
+    result = prune_masks(model, adapter, sample_batches, cost, opts, fisher=fisher,
+                         progress=cfg.progress)
     timings.update(result.timings)
+    timings["fisher"] = fisher_timing["fisher"]
     with timed(timings, "physical"):
         prune_model(model, result.masks, adapter)
     with timed(timings, "eval_pruned"):
@@ -126,6 +141,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
                   "ratio": flops_after / flops_before},
         "params": {"baseline": params_before,
                    "pruned": sum(p.numel() for p in model.parameters())},
+        "fisher_cache": {"key": key, "hit": hit},
         "timings": timings, "masks": result.masks.summary(),
         "tune": result.tune_stats.as_dict() if result.tune_stats else None,
         "config": OmegaConf.to_container(cfg, resolve=True),

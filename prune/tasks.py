@@ -32,6 +32,7 @@ class EvalSet:
 class TaskData:
     sample_batches: list[dict]
     num_samples: int
+    max_length: int
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # "eval", "eval:mismatched"
 
 
@@ -63,7 +64,7 @@ def build_task_data(spec: TaskSpec, tokenizer, num_samples: int, seed: int,
     else:
         train = tokenize(load_examples(spec, "train"), tokenizer, max_length)
     samples = sample_indices(len(train), num_samples, seed, with_replacement)
-    data = TaskData(make_batches(train, samples, batch_size, pad), len(samples))
+    data = TaskData(make_batches(train, samples, batch_size, pad), len(samples), max_length)
     for split in spec.eval_splits():
         if spec.kind == "qa":
             examples = load_qa_examples(spec, split)

@@ -24,6 +24,8 @@ def run(overrides, out_dir):
     sys.path.insert(0, str(ROOT))
     import run as app
 
+    if not any(o.startswith("paths.cache_dir=") for o in overrides):
+        overrides = [*overrides, f"paths.cache_dir={out_dir}/cache"]
     return app.run(config(overrides), out_dir=out_dir)
 
 

@@ -1,0 +1,73 @@
+"""Sweeps: every experiment config composes and runs one point; a sweep resumes without redoing
+or duplicating runs; constraints of one sweep share the Fisher information through the cache."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT
+from test_run import FAST, run
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def sweep_params(name):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    return cfg, {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_its_first_point_runs(name, tiny_checkpoints, tmp_path):
+    cfg, params = sweep_params(name)
+    assert cfg.sweep_name == name
+    for group in ("model", "task", "stages"):
+        for option in params.get(group, []):
+            assert (ROOT / "conf" / group / f"{option}.yaml").exists(), f"{group}={option}"
+    first = [f"{k}={v[0]}" for k, v in params.items()]
+    assert "task=sst2" in first or "task" not in params  # the first point is a GLUE run
+    record = run([f"experiment={name}", *first, f"model.path={tiny_checkpoints['cls2']}",
+                  *FAST], tmp_path)
+    assert record["flops"]["ratio"] <= float(params["constraint"][0]) + 1e-9
+
+
+def multirun(out: Path, ckpt: Path):
+    args = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=main_cpu",
+            f"model.path={ckpt}", f"paths.output_dir={out}", f"paths.cache_dir={out}/cache",
+            "save_model=false", *FAST]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def test_sweep_reuses_fisher_and_resumes_without_redoing_runs(tiny_checkpoints, tmp_path):
+    multirun(tmp_path, tiny_checkpoints["cls2"])
+    results = sorted((tmp_path / "sweeps" / "main_cpu").glob("*/results.json"))
+    names = [p.parent.name for p in results]
+    assert [n.split(",")[0] for n in names] == [f"constraint={c}" for c in (0.4, 0.5, 0.6)]
+    records = [json.loads(p.read_text()) for p in results]
+    assert sorted(r["fisher_cache"]["hit"] for r in records) == [False, True, True]
+    assert len({r["fisher_cache"]["key"] for r in records}) == 1
+    stamps = [p.stat().st_mtime_ns for p in results]
+    # an interrupted sweep: one run's result is lost, the others must be kept, not redone
+    results[1].unlink()
+    log = multirun(tmp_path, tiny_checkpoints["cls2"])
+    assert log.count("skipping") == 2
+    again = sorted((tmp_path / "sweeps" / "main_cpu").glob("*/results.json"))
+    assert len(again) == 3
+    assert again[0].stat().st_mtime_ns == stamps[0] and again[2].stat().st_mtime_ns == stamps[2]
+    assert json.loads(again[1].read_text())["fisher_cache"]["hit"] is True
+
+
+def test_fisher_cache_miss_on_another_seed_or_sample_count(tiny_checkpoints, tmp_path):
+    cache = f"paths.cache_dir={tmp_path}/cache"
+    base = [f"model.path={tiny_checkpoints['cls2']}", cache, "save_model=false", *FAST]
+    first = run(base, tmp_path / "a")
+    assert first["fisher_cache"]["hit"] is False
+    assert run([*base, "constraint=0.4"], tmp_path / "b")["fisher_cache"]["hit"] is True
+    assert run([*base, "seed=1"], tmp_path / "c")["fisher_cache"]["hit"] is False
+    assert run([*base, "prune.num_samples=48"], tmp_path / "d")["fisher_cache"]["hit"] is False
