@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help install demo test test-slow lint clean
+.PHONY: help install demo test test-slow lint clean tables sweep-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,3 +39,11 @@ lint: install  ## ruff
 clean:  ## remove caches and run outputs (keeps .venv and the fine-tuned demo model)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+tables: install  ## regenerate tables (md, tex) and figures (png) from outputs/ into analysis/out/
+	$(BIN)/python -m analysis.make_tables --results outputs --out analysis/out
+
+sweep-cpu: install  ## the CPU-sized sweeps on the embedded default (main, ablation, samples)
+	$(BIN)/python run.py -m experiment=main_cpu
+	$(BIN)/python run.py -m experiment=ablation_cpu
+	$(BIN)/python run.py -m experiment=samples_cpu

@@ -20,6 +20,8 @@ os.environ.setdefault("FASTPRUNE_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from tracking import tracker  # noqa: E402
+
 log = logging.getLogger("fastprune")
 
 
@@ -65,7 +67,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model, save_pruned
     from prune.cache import cached_fisher, checkpoint_fingerprint, fisher_key
     from prune.data import check_data
+    from prune.errors import PruneError
     from prune.fisher import compute_fisher
+    from prune.latency import cached_latency_table, compare_latency, measure_latency
     from prune.tasks import build_task_data, evaluate_task
     from prune.metrics import main_metric
     from prune.models import check_labels, load_config, load_model, pick_device
@@ -89,6 +93,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         tune_teacher=cfg.prune.tune_teacher, tune_damp=cfg.prune.tune_damp,
         tune_max_scale=cfg.prune.tune_max_scale, cls_only_last=cfg.task.kind != "qa",
     )
+    if cfg.constraint_kind not in ("flops", "latency"):
+        raise PruneError(f"constraint_kind={cfg.constraint_kind!r}: use flops or latency")
     spec = task_spec(cfg.task)
     check_data(spec)
     device = pick_device(cfg.device)
@@ -104,13 +110,22 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         max_length=min(spec.max_seq_length, model.config.max_position_embeddings))
     main_eval = data.eval_sets["eval"]
     seq_len = float(cfg.prune.seq_len or main_eval.mean_length)
-    cost = flops_cost(adapter, seq_len)
+    flops = flops_cost(adapter, seq_len)
     sample_batches = data.sample_batches
 
     timings: dict[str, float] = {}
     with timed(timings, "eval_baseline"):
         baseline = evaluate_task(model, data, spec, cfg.progress)
     params_before = sum(p.numel() for p in model.parameters())
+    lat = cfg.latency
+    cost = flops
+    if cfg.constraint_kind == "latency":
+        with timed(timings, "latency_table"):
+            cost = cached_latency_table(model, adapter, Path(cfg.paths.cache_dir) / "latency",
+                                        lat.batch_size, lat.seq_len, points=lat.table_points,
+                                        warmup=lat.warmup, repeats=lat.repeats)
+    latency_before = measure_latency(model, lat.batch_size, lat.seq_len, lat.warmup,
+                                     lat.repeats) if lat.enabled else None
     key = fisher_key(model=checkpoint_fingerprint(checkpoint), task=spec.name, seed=cfg.seed,
                      num_samples=cfg.prune.num_samples, batch_size=cfg.prune.batch_size,
                      replace=cfg.prune.sample_with_replacement, max_length=data.max_length)
@@ -126,19 +141,31 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         prune_model(model, result.masks, adapter)
     with timed(timings, "eval_pruned"):
         pruned = evaluate_task(model, data, spec, cfg.progress)
+    latency = None
+    if lat.enabled:
+        after = measure_latency(model, lat.batch_size, lat.seq_len, lat.warmup, lat.repeats)
+        latency = {**compare_latency(latency_before, after), "batch_size": lat.batch_size,
+                   "seq_len": lat.seq_len, "device": device}
+        if cfg.constraint_kind == "latency":
+            latency["predicted_ratio"] = cost.predict(
+                adapter.heads_per_layer(model), adapter.neurons_per_layer(model)) / cost.predict(
+                [adapter.num_heads] * adapter.num_layers,
+                [adapter.intermediate_size] * adapter.num_layers)
     timings["pruning_total"] = sum(timings.get(k, 0.0) for k in
                                    ("fisher", "search", "rearrange", "tune", "physical"))
-    flops_before = 2 * cost.full_macs
-    flops_after = cost.flops(adapter.heads_per_layer(model), adapter.neurons_per_layer(model))
+    flops_before = 2 * flops.full_macs
+    flops_after = flops.flops(adapter.heads_per_layer(model), adapter.neurons_per_layer(model))
     key = main_metric(spec.metric)
     record = {
         "model": cfg.model.name, "task": spec.name, "checkpoint": checkpoint,
-        "constraint": opts.constraint, "seed": cfg.seed, "device": device,
+        "constraint": opts.constraint, "constraint_kind": cfg.constraint_kind,
+        "seed": cfg.seed, "device": device,
         "num_samples": data.num_samples, "num_eval": main_eval.size, "seq_len": seq_len,
         "metric": key, "baseline": baseline, "pruned": pruned,
         "drop": 100.0 * (baseline[key] - pruned[key]),
         "flops": {"baseline": flops_before, "pruned": flops_after,
                   "ratio": flops_after / flops_before},
+        "latency": latency,
         "params": {"baseline": params_before,
                    "pruned": sum(p.numel() for p in model.parameters())},
         "fisher_cache": {"key": key, "hit": hit},
@@ -151,6 +178,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
                out_dir / "masks.pt")
     if cfg.save_model:
         save_pruned(model, out_dir / "pruned_model", tokenizer)
+    with tracker(cfg, out_dir) as logger:
+        logger.log(record)
     write_json_atomic(out_dir / "results.json", record)
     log.info("\n%s", summary_table(record))
     log.info("results: %s", out_dir / "results.json")
@@ -167,6 +196,10 @@ def summary_table(r: dict) -> str:
           for k in r["baseline"] if "/" in k and k.endswith("/" + key)),
         ("FLOPs kept", f"{r['flops']['ratio']:.3f}  ({r['flops']['pruned'] / 1e9:.3f} / "
                        f"{r['flops']['baseline'] / 1e9:.3f} GFLOPs at seq {r['seq_len']:.1f})"),
+        *((("latency (ms)", f"{1e3 * r['latency']['baseline']['median']:.1f} -> "
+                              f"{1e3 * r['latency']['pruned']['median']:.1f}  (ratio "
+                              f"{r['latency']['ratio']:.3f}, batch {r['latency']['batch_size']} "
+                              f"x seq {r['latency']['seq_len']})"),) if r.get("latency") else ()),
         ("heads / neurons kept", f"{r['masks']['heads_kept']}/{r['masks']['heads_total']}, "
                                  f"{r['masks']['neurons_kept']}/{r['masks']['neurons_total']}"),
         ("time (s)", "  ".join(f"{k} {t[k]:.1f}" for k in

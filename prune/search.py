@@ -8,10 +8,12 @@ vectorised pass over cumulative sums.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from prune.cost import FlopsCost
 from prune.errors import PruneError
+from prune.latency import LatencyTable
 from prune.masks import Masks
 
 
@@ -37,11 +39,14 @@ def _top_mask(importance: torch.Tensor, count: int) -> torch.Tensor:
 def search_masks(
     head_importance: torch.Tensor,  # [L, H]
     neuron_importance: torch.Tensor,  # [L, N]
-    cost: FlopsCost,
+    cost: FlopsCost | LatencyTable,
     constraint: float,
 ) -> Masks:
-    """Binary masks keeping the most important units whose MACs fit ``constraint * full``."""
+    """Binary masks keeping the most important units whose cost fits ``constraint * full``:
+    FLOPs (Algorithm 1) or measured latency (a ``LatencyTable``)."""
     constraint = check_constraint(constraint)
+    if isinstance(cost, LatencyTable):
+        return search_masks_latency(head_importance, neuron_importance, cost, constraint)
     head_importance = head_importance.double().cpu()
     neuron_importance = neuron_importance.double().cpu()
     budget = constraint * cost.full_macs
@@ -61,3 +66,45 @@ def search_masks(
         head=_top_mask(head_importance, best).float(),
         neuron=_top_mask(neuron_importance, int(neurons[best])).float(),
     )
+
+
+def search_masks_latency(
+    head_importance: torch.Tensor,  # [L, H]
+    neuron_importance: torch.Tensor,  # [L, N]
+    table: LatencyTable,
+    constraint: float,
+) -> Masks:
+    """Keep units in descending Fisher importance while the predicted latency fits the budget.
+
+    The table's curves are flat below a threshold, so the first unit of a layer's attention or
+    FFN costs the whole flat part and the next ones little: a unit that does not fit is skipped
+    and cheaper ones after it are still considered. The budget is ``constraint`` times the
+    table's prediction for the unpruned model, and is never exceeded (unlike the official code,
+    whose remaining budget was decremented cumulatively).
+    """
+    L, H = head_importance.shape
+    N = neuron_importance.shape[1]
+    budget = constraint * table.predict([H] * L, [N] * L)
+    attn = table.attn_time(np.arange(H + 1))  # [H + 1]: time of a layer's attention with h heads
+    ffn = table.ffn_time(np.arange(N + 1))
+    used = table.fixed + L * table.layer_base
+    if used > budget:
+        raise PruneError(
+            f"latency constraint {constraint} is below what the model costs with every head and "
+            f"neuron removed ({used / table.predict([H] * L, [N] * L):.2f} of its latency); "
+            f"raise the constraint")
+    scores = torch.cat([head_importance.flatten(), neuron_importance.flatten()]).double()
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    heads, neurons = np.zeros(L, dtype=int), np.zeros(L, dtype=int)
+    keep = torch.zeros(L * H + L * N)
+    for unit in order:
+        if unit < L * H:
+            layer, count, curve = unit // H, heads, attn
+        else:
+            layer, count, curve = (unit - L * H) // N, neurons, ffn
+        delta = curve[count[layer] + 1] - curve[count[layer]]
+        if used + delta <= budget * (1 + 1e-12):
+            used += delta
+            count[layer] += 1
+            keep[unit] = 1.0
+    return Masks(keep[: L * H].view(L, H), keep[L * H:].view(L, N))

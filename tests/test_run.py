@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from conftest import ROOT, SHARED
 from prune import PruneError, load_pruned
 
-FAST = ["prune.num_samples=64", "prune.batch_size=16", "eval.max_samples=96", "progress=false"]
+FAST = ["prune.num_samples=64", "prune.batch_size=16", "eval.max_samples=96", "progress=false",
+        "latency.batch_size=4", "latency.seq_len=16", "latency.repeats=2", "latency.warmup=1"]
 
 
 def config(overrides):
