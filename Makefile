@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help install demo test test-slow lint clean tables sweep-cpu
+.PHONY: help install demo test test-slow lint clean tables sweep-cpu bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,3 +47,6 @@ sweep-cpu: install  ## the CPU-sized sweeps on the embedded default (main, ablat
 	$(BIN)/python run.py -m experiment=main_cpu
 	$(BIN)/python run.py -m experiment=ablation_cpu
 	$(BIN)/python run.py -m experiment=samples_cpu
+
+bench: install  ## pruning time vs its floor, memory, pruned-model speed (bench/results/)
+	$(BIN)/python bench/bench.py

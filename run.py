@@ -91,7 +91,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         constraint=cfg.constraint, rearrange=cfg.prune.rearrange,
         rearrange_sweeps=cfg.prune.rearrange_sweeps, tune=cfg.prune.tune,
         tune_teacher=cfg.prune.tune_teacher, tune_damp=cfg.prune.tune_damp,
-        tune_max_scale=cfg.prune.tune_max_scale, cls_only_last=cfg.task.kind != "qa",
+        tune_max_scale=cfg.prune.tune_max_scale, tune_samples=cfg.prune.tune_samples,
+        cls_only_last=cfg.task.kind != "qa",
     )
     if cfg.constraint_kind not in ("flops", "latency"):
         raise PruneError(f"constraint_kind={cfg.constraint_kind!r}: use flops or latency")

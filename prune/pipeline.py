@@ -33,6 +33,7 @@ class PruneOptions:
     tune_teacher: str = "full"  # "full" (unpruned model) or "ta" (official teacher-assistant)
     tune_damp: float = 1e-2
     tune_max_scale: float = 10.0
+    tune_samples: int | None = None  # tune on the first n samples only (None: the whole set)
     cls_only_last: bool = True  # fit the last FFN on [CLS] only (sequence classification)
 
     def __post_init__(self):
@@ -105,7 +106,24 @@ def prune_masks(
                                   math.sqrt(opts.constraint))
                 teacher = rearrange_masks(ta, fisher, opts.rearrange_sweeps) \
                     if opts.rearrange else ta
-            masks, stats = tune_masks(model, adapter, masks, sample_batches, teacher=teacher,
+            masks, stats = tune_masks(model, adapter, masks,
+                                      first_samples(sample_batches, opts.tune_samples),
+                                      teacher=teacher,
                                       damp=opts.tune_damp, max_scale=opts.tune_max_scale,
                                       cls_only_last=opts.cls_only_last, progress=progress)
     return PruneResult(masks.to("cpu"), searched, rearranged, fisher, timings, stats)
+
+
+def first_samples(batches: list[dict], count: int | None) -> list[dict]:
+    """The first ``count`` samples of ``batches`` (already a random draw), cutting the last
+    batch; all of them when ``count`` is None."""
+    if count is None:
+        return batches
+    out, left = [], int(count)
+    for batch in batches:
+        if left <= 0:
+            break
+        n = int(batch["input_ids"].shape[0])
+        out.append(batch if n <= left else {k: v[:left] for k, v in batch.items()})
+        left -= n
+    return out

@@ -101,3 +101,17 @@ def test_notebook_runs_headless(results, tmp_path):
     text = "".join(str(o.get("data", {}).get("text/plain", "")) for c in nb.cells
                    for o in c.get("outputs", []))
     assert "86.0" in text
+
+
+def test_sample_count_studies_do_not_leak_into_the_main_table(results):
+    from analysis.collect import collect
+    from analysis.tables import ablation_table, main_table, samples_table
+
+    extra = record(constraint=0.6, pruned=0.50)
+    extra["num_samples"] = 256
+    (results / "g").mkdir()
+    (results / "g" / "results.json").write_text(json.dumps(extra))
+    df = collect(results)
+    assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
+    assert ablation_table(df).loc[("minilm", "sst2", 0.6), "+tune"] == pytest.approx(86.0)
+    assert samples_table(df).loc[("minilm", "sst2", 0.6, 256), "mean"] == pytest.approx(50.0)

@@ -120,3 +120,4 @@ def test_cached_student_recomputation_matches_the_masked_layer(family):
                 expected = _run_layer(layer, h, (a, k))
             got = _ffn_block(model, adapter, 0, y, masks.neuron[0])
             assert torch.allclose(got, expected, atol=1e-5)
+
