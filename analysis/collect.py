@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["model", "task", "constraint", "stage", "seed", "num_samples", "metric", "baseline",
+COLUMNS = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "metric", "baseline",
            "pruned", "drop", "flops_ratio", "latency_ratio", "speedup", "heads_kept",
            "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune", "t_physical",
            "t_pruning", "fisher_cache_hit", "path"]
@@ -26,6 +26,7 @@ def row_of(record: dict, path: Path) -> dict:
     latency = record.get("latency") or {}
     return {
         "model": record["model"], "task": record["task"],
+        "kind": record.get("constraint_kind", "flops"),
         "constraint": float(record["constraint"]),
         "stage": stage_of(record.get("config", {}).get("prune", {})),
         "seed": record.get("seed", 0), "num_samples": record.get("num_samples"),
@@ -58,6 +59,6 @@ def collect(*roots: str | Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows).sort_values("_mtime")
-    key = ["model", "task", "constraint", "stage", "seed", "num_samples"]
+    key = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples"]
     df = df.drop_duplicates(subset=key, keep="last").drop(columns="_mtime")
     return df.sort_values(key).reset_index(drop=True)[COLUMNS]

@@ -19,6 +19,7 @@ def default_samples(df: pd.DataFrame) -> pd.DataFrame:
     and ablation tables."""
     if df.empty:
         return df
+    df = df[df["kind"] == "flops"]  # latency-constrained runs are not FLOPs-table cells
     return df[df["num_samples"] == df["num_samples"].mode().iloc[0]]
 
 
@@ -60,7 +61,7 @@ def samples_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread over seeds of the pruned metric per sample count."""
     if df.empty:
         return pd.DataFrame()
-    full = df[df["stage"] == "+tune"]
+    full = df[(df["stage"] == "+tune") & (df["kind"] == "flops")]
     return full.groupby(["model", "task", "constraint", "num_samples"])["pruned"].agg(
         ["mean", "std", "count"])
 

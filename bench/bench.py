@@ -146,6 +146,9 @@ def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
                         progress=False)
         scaling[str(n)] = {"fisher": tt["fisher"], "tune": r.timings.get("tune", 0.0),
                            "total": tt["fisher"] + sum(r.timings.values())}
+    main = runs[str(constraints[len(constraints) // 2])]["timings"]
+    scaling[str(samples)] = {"fisher": main["fisher"], "tune": main["tune"],
+                             "total": main["total"]}
     out["scaling"] = scaling
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
@@ -191,7 +194,7 @@ def main() -> None:
     scale = 8 if args.quick else 1
     if args.one:
         samples = max(32, MODELS[args.one]["samples"] // scale)
-        counts = [n // scale for n in (512, 1024, 2048)] if args.one == "minilm" else []
+        counts = [n // scale for n in (512, 1024)] if args.one == "minilm" else []
         print("BENCH-JSON " + json.dumps(bench_model(args.one, samples, 128, [0.4, 0.5, 0.6],
                                                      [c for c in counts if c >= 32])))
         return

@@ -220,6 +220,7 @@ def tune_masks(
                                                       tokens, ffn_tokens)
             contexts, normal = _attention_pass(model, adapter, l, masks, student_in, tokens,
                                                attn_targets)
+            del attn_targets  # consumed: keep peak memory to five activation caches
             _update(masks.head, l, normal, damp, max_scale, f"layer {l} heads",
                     stats.attn_before, stats.attn_after, stats)
             ffn_inputs, normal = _ffn_pass(model, adapter, l, masks, student_in, contexts,

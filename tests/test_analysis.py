@@ -115,3 +115,16 @@ def test_sample_count_studies_do_not_leak_into_the_main_table(results):
     assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
     assert ablation_table(df).loc[("minilm", "sst2", 0.6), "+tune"] == pytest.approx(86.0)
     assert samples_table(df).loc[("minilm", "sst2", 0.6, 256), "mean"] == pytest.approx(50.0)
+
+
+def test_latency_constrained_runs_stay_out_of_the_flops_tables(results):
+    from analysis.collect import collect
+    from analysis.tables import main_table
+
+    extra = record(constraint=0.6, pruned=0.40)
+    extra["constraint_kind"] = "latency"
+    (results / "h").mkdir()
+    (results / "h" / "results.json").write_text(json.dumps(extra))
+    df = collect(results)
+    assert set(df["kind"]) == {"flops", "latency"}
+    assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
