@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("FASTPRUNE_ROOT", str(Path(__file__).resolve().parent))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -12,20 +15,26 @@ from prune.fisher import to_device
 from prune.metrics import compute_metrics
 
 
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[torch.device]:
+    """Eval mode inside the block (training mode restored after); yields the model's device."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batches: list[dict], progress: bool = False):
     """Logits and gold labels over ``batches``, in batch order."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    try:
+    with _eval_mode(model) as device:
         for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
             inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
             logits.append(model(**inputs).logits.float().cpu())
             labels.append(batch["labels"])
-    finally:
-        model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
@@ -39,17 +48,12 @@ def evaluate(model: nn.Module, batches: list[dict], spec: TaskSpec,
 @torch.no_grad()
 def predict_qa(model: nn.Module, batches: list[dict], progress: bool = False):
     """Unpadded start and end logits per feature, in batch order."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     starts, ends = [], []
-    try:
+    with _eval_mode(model) as device:
         for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
             out = model(**to_device(batch, device))
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             for row, n in enumerate(lengths):
                 starts.append(out.start_logits[row, :n].float().cpu().numpy())
                 ends.append(out.end_logits[row, :n].float().cpu().numpy())
-    finally:
-        model.train(was_training)
     return starts, ends
