@@ -156,11 +156,6 @@ class _Normal:
         self.c = torch.zeros(n, dtype=torch.float64)
         self.rr = 0.0
 
-    def add(self, G: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> None:
-        self.G += G.double().cpu()
-        self.c += c.double().cpu()
-        self.rr += float(r.double().pow(2).sum())
-
     def error(self, m: torch.Tensor) -> float:
         """Relative squared residual of scales ``m``."""
         m = m.double()
@@ -193,12 +188,15 @@ def tune_masks(
     max_scale: float = 10.0,
     cls_only_last: bool = False,
     progress: bool = True,
+    activation_cache_bytes: int = 2 << 30,
 ) -> tuple[Masks, TuneStats]:
     """Fit the kept mask values of ``masks`` layer by layer; returns new masks and statistics.
 
     Per layer and batch: one teacher forward of the layer, one student pass up to the attention
-    context, then only the output projection, the FFN up projection (twice) and the down
-    projection are recomputed; the student layer is never run again whole.
+    context, then the kept heads' output projection, the kept neurons' up projection and their
+    down projection; the student layer is never run again whole. The kept neurons' activations
+    are held for the layer's output when they fit in ``activation_cache_bytes`` (else they are
+    recomputed), so at most about six activation caches of the tuning set are alive at once.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -210,6 +208,7 @@ def tune_masks(
     student_in = _layer_inputs(model, adapter, batches)
     teacher_in = list(student_in)
     tokens = [b["attention_mask"].bool() for b in batches]
+    positions = sum(t.numel() for t in tokens)
     try:
         for l in tqdm(range(adapter.num_layers), desc="tune", disable=not progress, leave=False):
             ffn_tokens = tokens
@@ -222,14 +221,20 @@ def tune_masks(
             del attn_targets  # consumed: keep peak memory to five activation caches
             _update(masks.head, l, normal, damp, max_scale, f"layer {l} heads",
                     stats.attn_before, stats.attn_after, stats)
-            ffn_inputs, normal = _ffn_pass(model, adapter, l, masks, student_in, contexts,
-                                           ffn_tokens, ffn_targets)
+            last = l == adapter.num_layers - 1
+            kept = int(masks.neuron[l].count_nonzero())
+            keep = not last and positions * kept * 4 <= activation_cache_bytes
+            ffn_inputs, activations, normal = _ffn_pass(model, adapter, l, masks, student_in,
+                                                        contexts, ffn_tokens, ffn_targets, keep)
             del contexts
             _update(masks.neuron, l, normal, damp, max_scale, f"layer {l} neurons",
                     stats.ffn_before, stats.ffn_after, stats)
-            if l < adapter.num_layers - 1:
-                student_in = [(_ffn_block(model, adapter, l, y, masks.neuron[l]), a, k)
-                              for y, (_, a, k) in zip(ffn_inputs, student_in)]
+            if not last:
+                student_in = [
+                    (_ffn_block(model, adapter, l, y, masks.neuron[l],
+                                activations[i] if activations else None), a, k)
+                    for i, (y, (_, a, k)) in enumerate(zip(ffn_inputs, student_in))]
+            del ffn_inputs, activations
     finally:
         model.train(was_training)
     return masks, stats
@@ -268,71 +273,106 @@ def _teacher_pass(model, adapter, l, teacher, teacher_in, tokens, ffn_tokens):
     return attn_targets, ffn_targets
 
 
-def _masked_linear(linear: nn.Linear, x: torch.Tensor, mask_row: torch.Tensor) -> torch.Tensor:
-    """``linear`` applied to ``x`` whose last dim is (units x unit_size), units scaled by mask."""
-    scaled = x.view(*x.shape[:-1], mask_row.numel(), -1) * mask_row[:, None]
-    return linear(scaled.view(x.shape))
+def _kept_columns(kept: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """Feature indices of the kept units when each unit spans ``unit_size`` features."""
+    return (kept[:, None] * unit_size + torch.arange(unit_size, device=kept.device)).flatten()
 
 
 def _attention_pass(model, adapter, l, masks, student_in, tokens, targets):
-    """Normal equations of the kept heads' scales; also returns each batch's raw context."""
+    """Normal equations of the kept heads' scales; also returns each batch's kept context.
+
+    Head k contributes ``Y_k = u_k W_k^T`` (context slice times its block of the output
+    projection) to every token, so ``G_kj = sum_t <Y_k, Y_j> = <W_k^T W_j, sum_t u_k^T u_j>``:
+    the per-token work is one (K dh)^2 Gram of the kept contexts and one projection of the target,
+    and ``Y`` (K x tokens x D) is never built.
+    """
     kept = masks.head[l].nonzero().flatten()
     out_proj = adapter.module(model, l, "attn_out")
     dh = adapter.head_size
-    W = out_proj.weight.view(out_proj.weight.shape[0], -1, dh)[:, kept]  # [D, K, dh]
+    cols = _kept_columns(kept, dh)
+    W = out_proj.weight[:, cols]  # [D, K dh]
     bias = out_proj.bias if out_proj.bias is not None else 0.0
     normal = _Normal(kept.numel())
+    S = torch.zeros(cols.numel(), cols.numel(), dtype=torch.float64)
+    cu = torch.zeros(cols.numel(), dtype=torch.float64)
     contexts, store = [], {}
     layer = adapter.layers(model)[l]
     with _capture(store, [(out_proj, "u", "in")], stop_at="u"):
         for b, (h, args, kwargs) in enumerate(student_in):
             _run_layer(layer, h, (args, kwargs))
-            contexts.append(store["u"])  # (B, T, H * dh), before any mask
+            u = store.pop("u")[..., cols]  # (B, T, K dh), before any mask
+            contexts.append(u)
             if kept.numel() == 0:
                 continue
-            u = store["u"][tokens[b]].view(-1, adapter.num_heads, dh)[:, kept]  # [T, K, dh]
+            ut = u[tokens[b]]  # [T, K dh]
             r = targets[b] - bias - h[tokens[b]]  # [T, D]: what the kept heads must produce
-            Y = torch.einsum("tkd,ekd->kte", u, W)  # [K, T, D]: each head's contribution
-            normal.add(torch.einsum("kte,jte->kj", Y, Y), torch.einsum("kte,te->k", Y, r), r)
+            S += (ut.t() @ ut).double().cpu()
+            cu += ((r @ W) * ut).sum(dim=0).double().cpu()
+            normal.rr += float(r.double().pow(2).sum())
+    if kept.numel():
+        k = kept.numel()
+        M = (W.t() @ W).double().cpu()
+        normal.G = (M * S).view(k, dh, k, dh).sum(dim=(1, 3))
+        normal.c = cu.view(k, dh).sum(dim=1)
     return contexts, normal
 
 
-def _ffn_activations(model, adapter, l, y: torch.Tensor) -> torch.Tensor:
-    """The FFN activations (input of the down projection) for FFN input ``y``."""
-    store: dict = {}
-    entry = adapter.module(model, l, "ffn_entry")
-    with _capture(store, [(adapter.module(model, l, "ffn_out"), "a", "in")], stop_at="a"):
-        try:
-            return entry(y)  # the entry module ends at the activations (BERT's intermediate)
-        except _Stop:
-            return store["a"]  # the entry module goes on to the down projection (DistilBERT)
+def _ffn_pass(model, adapter, l, masks, student_in, contexts, ffn_tokens, targets,
+              keep_activations: bool):
+    """FFN inputs under the tuned head masks, and the normal equations of the kept neurons.
 
-
-def _ffn_pass(model, adapter, l, masks, student_in, contexts, ffn_tokens, targets):
-    """FFN inputs under the tuned head masks, and the normal equations of the kept neurons."""
-    kept = masks.neuron[l].nonzero().flatten()
+    Only the kept neurons' activations are computed (the activation is elementwise). With
+    ``keep_activations`` they are returned for every position, so that the layer's output can
+    be formed without recomputing them; otherwise only the fitted tokens' are computed.
+    """
+    kept_heads = masks.head[l].nonzero().flatten()
     out_proj = adapter.module(model, l, "attn_out")
+    W_attn = out_proj.weight[:, _kept_columns(kept_heads, adapter.head_size)]
+    head_scale = masks.head[l, kept_heads].repeat_interleave(adapter.head_size)
+    attn_bias = out_proj.bias
     attn_norm = adapter.module(model, l, "attn_norm")
+    kept = masks.neuron[l].nonzero().flatten()
     down = adapter.module(model, l, "ffn_out")
     W = down.weight[:, kept]  # [D, K]
     WtW = W.t() @ W  # [K, K]
     bias = down.bias if down.bias is not None else 0.0
     normal = _Normal(kept.numel())
-    inputs = []
+    AtA = torch.zeros(kept.numel(), kept.numel(), dtype=torch.float32, device=W.device)
+    c = torch.zeros(kept.numel(), dtype=torch.float64)
+    inputs, activations = [], []
     for b, ((h, _, _), u) in enumerate(zip(student_in, contexts)):
-        y = attn_norm(h + _masked_linear(out_proj, u, masks.head[l]))  # (B, T, D)
+        y = attn_norm(h + nn.functional.linear(u * head_scale, W_attn, attn_bias))  # (B, T, D)
         inputs.append(y)
         if kept.numel() == 0:
             continue
         sel = ffn_tokens[b]
-        a = _ffn_activations(model, adapter, l, y[sel])[:, kept]  # [T, K]
+        if keep_activations:
+            a_all = _kept_activations(model, adapter, l, y, kept)  # (B, T, K)
+            activations.append(a_all)
+            a = a_all[sel]
+        else:
+            a = _kept_activations(model, adapter, l, y[sel], kept)  # [T, K]
         r = targets[b] - bias - y[sel]  # [T, D]
-        normal.add((a.t() @ a) * WtW, (a * (r @ W)).sum(dim=0), r)
-    return inputs, normal
+        AtA += a.t() @ a
+        c += (a * (r @ W)).sum(dim=0).double().cpu()
+        normal.rr += float(r.double().pow(2).sum())
+    normal.G = (AtA.double() * WtW.double()).cpu()
+    normal.c = c
+    return inputs, activations, normal
 
 
-def _ffn_block(model, adapter, l, y: torch.Tensor, neuron_mask: torch.Tensor) -> torch.Tensor:
+def _kept_activations(model, adapter, l, y: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``ffn_act(ffn_in(y))`` for the kept neurons only."""
+    up = adapter.module(model, l, "ffn_in")
+    b = up.bias[kept] if up.bias is not None else None
+    return adapter.module(model, l, "ffn_act")(nn.functional.linear(y, up.weight[kept], b))
+
+
+def _ffn_block(model, adapter, l, y: torch.Tensor, neuron_mask: torch.Tensor,
+               activations: torch.Tensor | None) -> torch.Tensor:
     """The student layer's output from its FFN input ``y`` (post-LN residual block)."""
     down = adapter.module(model, l, "ffn_out")
-    a = _ffn_activations(model, adapter, l, y)
-    return adapter.module(model, l, "ffn_norm")(y + down(a * neuron_mask))
+    kept = neuron_mask.nonzero().flatten()
+    a = activations if activations is not None else _kept_activations(model, adapter, l, y, kept)
+    out = nn.functional.linear(a * neuron_mask[kept], down.weight[:, kept], down.bias)
+    return adapter.module(model, l, "ffn_norm")(y + out)

@@ -113,11 +113,68 @@ def test_cached_student_recomputation_matches_the_masked_layer(family):
     fake_targets = [torch.zeros(int(t.sum()), D) for t in tokens]
     with torch.no_grad():
         contexts, _ = _attention_pass(model, adapter, 0, masks, inputs, tokens, fake_targets)
-        ffn_in, _ = _ffn_pass(model, adapter, 0, masks, inputs, contexts, tokens, fake_targets)
-        layer = adapter.layers(model)[0]
-        for (h, a, k), y in zip(inputs, ffn_in):
-            with apply_masks(model, adapter, masks, layers=[0]):
-                expected = _run_layer(layer, h, (a, k))
-            got = _ffn_block(model, adapter, 0, y, masks.neuron[0])
-            assert torch.allclose(got, expected, atol=1e-5)
+        for keep in (True, False):
+            ffn_in, acts, _ = _ffn_pass(model, adapter, 0, masks, inputs, contexts, tokens,
+                                        fake_targets, keep_activations=keep)
+            assert bool(acts) == keep
+            layer = adapter.layers(model)[0]
+            for i, ((h, a, k), y) in enumerate(zip(inputs, ffn_in)):
+                with apply_masks(model, adapter, masks, layers=[0]):
+                    expected = _run_layer(layer, h, (a, k))
+                got = _ffn_block(model, adapter, 0, y, masks.neuron[0], acts[i] if keep else None)
+                assert torch.allclose(got, expected, atol=1e-5)
 
+
+
+def test_normal_equations_match_explicit_unit_contributions(family):
+    """G and c from the fast Gram formulas equal sums over tokens of each unit's explicit
+    contribution to the layer output (out-projection of one head's slice; down-projection of
+    one neuron)."""
+    from prune.tune import _attention_pass, _ffn_pass, _layer_inputs
+
+    torch.manual_seed(0)
+    model = tiny_model(family, layers=2)
+    adapter = get_adapter(model)
+    batches = tiny_batches(2)
+    masks = Masks.ones(adapter)
+    masks.head[0, 0] = 0.0
+    masks.neuron[0, ::2] = 0.0
+    inputs = _layer_inputs(model, adapter, batches)
+    tokens = [b["attention_mask"].bool() for b in batches]
+    D, dh = adapter.hidden_size, adapter.head_size
+    targets = [torch.randn(int(t.sum()), D) for t in tokens]
+    out_proj = adapter.module(model, 0, "attn_out")
+    down = adapter.module(model, 0, "ffn_out")
+    with torch.no_grad():
+        contexts, attn = _attention_pass(model, adapter, 0, masks, inputs, tokens, targets)
+        ffn_in, _, ffn = _ffn_pass(model, adapter, 0, masks, inputs, contexts, tokens, targets,
+                                   keep_activations=False)
+        heads = masks.head[0].nonzero().flatten()
+        neurons = masks.neuron[0].nonzero().flatten()
+        G_a = torch.zeros(len(heads), len(heads), dtype=torch.float64)
+        c_a = torch.zeros(len(heads), dtype=torch.float64)
+        G_f = torch.zeros(len(neurons), len(neurons), dtype=torch.float64)
+        c_f = torch.zeros(len(neurons), dtype=torch.float64)
+        store = {}
+        hook = out_proj.register_forward_pre_hook(lambda m, a: store.update(u=a[0]))
+        for b, (h, args, kwargs) in enumerate(inputs):
+            adapter.layers(model)[0](h, *args, **kwargs)
+            u, sel = store["u"], tokens[b]
+            Y = []
+            for k in heads:
+                one = torch.zeros_like(u)
+                one[..., k * dh:(k + 1) * dh] = u[..., k * dh:(k + 1) * dh]
+                Y.append((out_proj(one) - out_proj.bias)[sel].double())
+            Y = torch.stack(Y)
+            r = targets[b].double() - out_proj.bias.double() - h[sel].double()
+            G_a += torch.einsum("kte,jte->kj", Y, Y)
+            c_a += torch.einsum("kte,te->k", Y, r)
+            y = ffn_in[b][sel]
+            act = adapter.module(model, 0, "ffn_act")(adapter.module(model, 0, "ffn_in")(y))
+            Z = torch.stack([(act[:, [n]] * down.weight[:, n]).double() for n in neurons])
+            r = targets[b].double() - down.bias.double() - y.double()
+            G_f += torch.einsum("kte,jte->kj", Z, Z)
+            c_f += torch.einsum("kte,te->k", Z, r)
+        hook.remove()
+    for got, want in ((attn.G, G_a), (attn.c, c_a), (ffn.G, G_f), (ffn.c, c_f)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -24,7 +24,7 @@ from transformers import (
 
 # Paths are relative to one encoder layer; ``layers`` is relative to ``model.base_model``.
 # Every family is post-LN: ``attn_norm(x + attn_out(context))`` then
-# ``ffn_norm(y + ffn_out(act(ffn_in(y))))``; mask tuning relies on that structure.
+# ``ffn_norm(y + ffn_out(ffn_act(ffn_in(y))))``; mask tuning relies on that structure.
 LAYOUTS: dict[str, dict[str, str]] = {
     "bert": {
         "layers": "encoder.layer",
@@ -35,7 +35,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "attn_out": "attention.output.dense",
         "attn_norm": "attention.output.LayerNorm",
         "ffn_in": "intermediate.dense",
-        "ffn_entry": "intermediate",  # called on the FFN input, reaches the activations
+        "ffn_act": "intermediate.intermediate_act_fn",  # elementwise activation of the FFN
         "ffn_out": "output.dense",
         "ffn_norm": "output.LayerNorm",
         "num_heads_attr": "num_attention_heads",
@@ -50,7 +50,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "attn_out": "attention.out_lin",
         "attn_norm": "sa_layer_norm",
         "ffn_in": "ffn.lin1",
-        "ffn_entry": "ffn",
+        "ffn_act": "ffn.activation",
         "ffn_out": "ffn.lin2",
         "ffn_norm": "output_layer_norm",
         "num_heads_attr": "n_heads",
