@@ -67,7 +67,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     from prune.cache import cached_fisher, checkpoint_fingerprint, fisher_key
     from prune.data import check_data
     from prune.errors import PruneError
-    from prune.fisher import compute_fisher
+    from prune.fisher import autocast_dtype, compute_fisher
     from prune.latency import cached_latency_table, compare_latency, measure_latency
     from prune.tasks import build_task_data, evaluate_task
     from prune.metrics import main_metric
@@ -82,8 +82,16 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     out_dir = Path(out_dir)
     done = out_dir / "results.json"
     if done.exists() and not cfg.force:
-        log.info("skipping: %s exists (force=true re-runs)", done)
-        return json.loads(done.read_text())
+        previous = json.loads(done.read_text())
+        changed = config_changes(previous.get("config", {}),
+                                 OmegaConf.to_container(cfg, resolve=True))
+        if not changed:
+            log.info("skipping: %s exists (force=true re-runs)", done)
+            return previous
+        kept = done.with_name(f"results.stale-{int(done.stat().st_mtime)}.json")
+        os.replace(done, kept)
+        log.warning("re-running: %s was made with another configuration (%s); kept as %s",
+                    done, ", ".join(changed[:8]), kept.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     # cheap checks first: nothing heavy runs before the input is known to be usable
     opts = PruneOptions(
@@ -126,13 +134,15 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
                                         warmup=lat.warmup, repeats=lat.repeats)
     latency_before = measure_latency(model, lat.batch_size, lat.seq_len, lat.warmup,
                                      lat.repeats) if lat.enabled else None
+    amp = autocast_dtype(device, cfg.prune.amp)  # None (float32) unless CUDA with bfloat16
     key = fisher_key(model=checkpoint_fingerprint(checkpoint), task=spec.name, seed=cfg.seed,
                      num_samples=cfg.prune.num_samples, batch_size=cfg.prune.batch_size,
-                     replace=cfg.prune.sample_with_replacement, max_length=data.max_length)
+                     replace=cfg.prune.sample_with_replacement, max_length=data.max_length,
+                     **({"amp": str(amp)} if amp is not None else {}))
     fisher_timing: dict[str, float] = {}
     with timed(fisher_timing, "fisher"):
         fisher, hit = cached_fisher(cfg.prune.fisher_cache_dir, key, lambda: compute_fisher(
-            model, adapter, sample_batches, cfg.progress))
+            model, adapter, sample_batches, cfg.progress, amp=cfg.prune.amp))
     result = prune_masks(model, adapter, sample_batches, cost, opts, fisher=fisher,
                          progress=cfg.progress)
     timings.update(result.timings)
@@ -184,6 +194,26 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     log.info("\n%s", summary_table(record))
     log.info("results: %s", out_dir / "results.json")
     return record
+
+
+# Settings that do not change a run's result: where files live, how it reports, re-run flags.
+NEUTRAL_KEYS = ("paths", "force", "progress", "save_model", "sweep_name", "device", "logger",
+                "prune.fisher_cache_dir", "task.local_dir")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, ignoring ``NEUTRAL_KEYS``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if path in NEUTRAL_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return out
 
 
 def summary_table(r: dict) -> str:

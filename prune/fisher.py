@@ -7,6 +7,11 @@ per-batch gradients are kept as well: mask rearrangement (Sec. 4.2) needs them t
 layer's Fisher block.
 
 Weights are frozen during the pass, so backward computes only activation gradients.
+
+Mixed precision: ``amp="auto"`` runs the pass under bfloat16 autocast on a CUDA device that
+supports it (mask gradients are still accumulated in float32); it stays in float32 on CPU and
+on GPUs without bfloat16, where float16 without loss scaling could flush the small mask
+gradients to zero. ``amp="bf16"`` forces bfloat16 autocast on any device, ``"off"`` disables it.
 """
 
 from __future__ import annotations
@@ -49,14 +54,31 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def autocast_dtype(device: torch.device | str, amp: str) -> torch.dtype | None:
+    """The autocast dtype ``amp`` selects on ``device`` (``None``: full precision)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
+    device = torch.device(device)
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
 def compute_fisher(
     model: nn.Module,
     adapter: Adapter,
     batches: Iterable[dict],
     progress: bool = True,
+    amp: str = "auto",
 ) -> Fisher:
     """Accumulate mask gradients over ``batches`` (dicts of model inputs including labels)."""
     device = next(model.parameters()).device
+    dtype = autocast_dtype(device, amp)
     masks = Masks.ones(adapter, device)
     masks.head.requires_grad_(True)
     masks.neuron.requires_grad_(True)
@@ -70,7 +92,8 @@ def compute_fisher(
         with apply_masks(model, adapter, masks):
             for batch in tqdm(batches, desc="fisher", disable=not progress, leave=False):
                 batch = to_device(batch, device)
-                loss = model(**batch).loss
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = model(**batch).loss
                 g_head, g_neuron = torch.autograd.grad(loss, [masks.head, masks.neuron])
                 head_grads.append(g_head.detach().float().cpu())
                 neuron_grads.append(g_neuron.detach().float().cpu())

@@ -71,3 +71,15 @@ def test_fisher_cache_miss_on_another_seed_or_sample_count(tiny_checkpoints, tmp
     assert run([*base, "constraint=0.4"], tmp_path / "b")["fisher_cache"]["hit"] is True
     assert run([*base, "seed=1"], tmp_path / "c")["fisher_cache"]["hit"] is False
     assert run([*base, "prune.num_samples=48"], tmp_path / "d")["fisher_cache"]["hit"] is False
+
+
+def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpoints, tmp_path):
+    """A finished run is skipped only if it was made with the same settings; a result of other
+    settings (say, a changed default) is re-run and the old file kept beside it, not lost."""
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false", *FAST]
+    first = run(base, tmp_path)
+    assert run([*base, "progress=true"], tmp_path) == first  # reporting only: skipped
+    again = run([*base, "prune.tune_damp=0.05"], tmp_path)
+    assert again["config"]["prune"]["tune_damp"] == 0.05
+    stale = list(tmp_path.glob("results.stale-*.json"))
+    assert len(stale) == 1 and json.loads(stale[0].read_text()) == first

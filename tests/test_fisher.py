@@ -33,3 +33,25 @@ def test_same_seed_same_masks(family):
         results.append(r.masks)
     assert torch.equal(results[0].head, results[1].head)
     assert torch.equal(results[0].neuron, results[1].neuron)
+
+
+def test_bfloat16_autocast_fisher_ranks_units_like_float32(family):
+    """``amp='bf16'`` (what ``auto`` picks on a bf16 GPU; forced here on CPU) keeps float32
+    gradients and the same importance ranking to within bfloat16 noise; ``auto`` on CPU is exact
+    float32."""
+    from prune.fisher import autocast_dtype
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    batches = tiny_batches(3)
+    full = compute_fisher(model, adapter, batches, progress=False, amp="off")
+    auto = compute_fisher(model, adapter, batches, progress=False, amp="auto")
+    half = compute_fisher(model, adapter, batches, progress=False, amp="bf16")
+    assert autocast_dtype("cpu", "auto") is None and autocast_dtype("cpu", "bf16") is torch.bfloat16
+    assert torch.equal(full.neuron_grads, auto.neuron_grads)
+    assert half.neuron_grads.dtype == torch.float32
+    assert not torch.equal(full.neuron_grads, half.neuron_grads), "bf16 must actually run"
+    for a, b in ((full.neuron_importance, half.neuron_importance),
+                 (full.head_importance, half.head_importance)):
+        ra, rb = a.flatten().argsort().argsort().float(), b.flatten().argsort().argsort().float()
+        assert torch.corrcoef(torch.stack([ra, rb]))[0, 1] > 0.9
