@@ -2,6 +2,14 @@
 
 ``prune_masks`` returns masks; ``prune.physical.prune_model`` then makes the model smaller.
 Each stage after the search can be switched off; each is timed.
+
+Sample use, deliberately unlike the official code: the Fisher pass uses the whole sample set, mask
+tuning its first ``tune_samples`` (512) samples. Tuning solves, per layer, a least-squares problem
+with at most as many unknowns as the layer keeps units, over every token of every sample; 512
+samples over-determine it many times, while tuning costs about one forward pass of the teacher
+and one of the student per sample, as much as the Fisher pass itself. On the demo (SST-2, 0.4 /
+0.5 / 0.6) tuning on 256 / 512 / 1,024 / 2,048 samples gave accuracies within 0.35 points of each
+other (``experiment=tune_samples_cpu``). ``tune_samples=None`` tunes on everything, as the paper.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ class PruneOptions:
     tune_teacher: str = "full"  # "full" (unpruned model) or "ta" (official teacher-assistant)
     tune_damp: float = 1e-2
     tune_max_scale: float = 10.0
-    tune_samples: int | None = None  # tune on the first n samples only (None: the whole set)
+    tune_samples: int | None = 512  # tune on the first n samples only (None: the whole set)
     cls_only_last: bool = True  # fit the last FFN on [CLS] only (sequence classification)
 
     def __post_init__(self):

@@ -188,7 +188,7 @@ def tune_masks(
     max_scale: float = 10.0,
     cls_only_last: bool = False,
     progress: bool = True,
-    activation_cache_bytes: int = 2 << 30,
+    activation_cache_bytes: int = 1 << 30,
 ) -> tuple[Masks, TuneStats]:
     """Fit the kept mask values of ``masks`` layer by layer; returns new masks and statistics.
 
