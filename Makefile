@@ -34,7 +34,7 @@ test-slow: install  ## run the slow tests too
 	$(BIN)/python -m pytest -q -m ""
 
 lint: install  ## ruff
-	$(BIN)/pip install -q ruff==0.17.5 && $(BIN)/ruff check prune tests run.py
+	$(BIN)/pip install -q ruff==0.17.5 && $(BIN)/ruff check prune tests run.py tracking.py analysis bench
 
 clean:  ## remove caches and run outputs (keeps .venv and the fine-tuned demo model)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -62,6 +62,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     """One pruning run; returns the record also written to ``out_dir/results.json``
     (default: the Hydra run directory)."""
     import torch
+    from hydra.core.hydra_config import HydraConfig
 
     from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model, save_pruned
     from prune.cache import cached_fisher, checkpoint_fingerprint, fisher_key
@@ -69,13 +70,11 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     from prune.errors import PruneError
     from prune.fisher import autocast_dtype, compute_fisher
     from prune.latency import cached_latency_table, compare_latency, measure_latency
-    from prune.tasks import build_task_data, evaluate_task
     from prune.metrics import main_metric
     from prune.models import check_labels, load_config, load_model, pick_device
     from prune.pipeline import timed
     from prune.results import git_commit, versions, write_json_atomic
-
-    from hydra.core.hydra_config import HydraConfig
+    from prune.tasks import build_task_data, evaluate_task
 
     if out_dir is None:
         out_dir = HydraConfig.get().runtime.output_dir

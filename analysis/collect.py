@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "metric", "baseline",
-           "pruned", "drop", "flops_ratio", "latency_ratio", "speedup", "heads_kept",
-           "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune", "t_physical",
-           "t_pruning", "fisher_cache_hit", "path"]
+COLUMNS = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "metric",
+           "baseline", "pruned", "drop", "flops_ratio", "latency_ratio", "speedup",
+           "heads_kept", "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune",
+           "t_physical", "t_pruning", "fisher_cache_hit", "path"]
 
 
 def stage_of(prune_cfg: dict) -> str:

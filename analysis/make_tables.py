@@ -10,8 +10,14 @@ from pathlib import Path
 
 from analysis.collect import collect
 from analysis.plots import accuracy_vs_flops, speedup_vs_flops, time_breakdown
-from analysis.tables import (ablation_table, main_table, paper_results, samples_table,
-                             to_latex, to_markdown)
+from analysis.tables import (
+    ablation_table,
+    main_table,
+    paper_results,
+    samples_table,
+    to_latex,
+    to_markdown,
+)
 
 
 def make_all(results: list[str | Path], out: str | Path) -> dict[str, Path]:

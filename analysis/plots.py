@@ -19,7 +19,7 @@ def accuracy_vs_flops(df: pd.DataFrame, out: Path) -> list[Path]:
         for (model, stage), g in part.groupby(["model", "stage"]):
             g = g.groupby("flops_ratio", as_index=False)["pruned"].mean()
             ax.plot(g["flops_ratio"], g["pruned"], marker="o", label=f"{model} {stage}")
-        for model, g in part.groupby("model"):
+        for _, g in part.groupby("model"):
             ax.axhline(g["baseline"].mean(), ls="--", lw=0.8, color="gray")
         ax.set_xlabel("FLOPs kept (fraction)")
         ax.set_ylabel(f"{part['metric'].iloc[0]} (%)")

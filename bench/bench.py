@@ -45,8 +45,12 @@ MODELS = {
 
 def build_model(name: str):
     import torch
-    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
-                              DistilBertForSequenceClassification)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+    )
 
     torch.manual_seed(0)
     if name == "minilm":
@@ -92,7 +96,7 @@ def floor_time(model, batches) -> float:
             model(**b).loss.backward()
     finally:
         handle.remove()
-        for p, f in zip(model.parameters(), flags):
+        for p, f in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(f)
     return time.perf_counter() - start
 
@@ -183,10 +187,11 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['samples']} | {tune_n} | {r['floor']:.1f} | {t['fisher']:.1f} | "
             f"{t['search']:.3f} | {t['rearrange']:.2f} | {t['tune']:.1f} | {t['physical']:.2f} "
-            f"| {t['eval']:.2f} | {t['total']:.1f} | {r['constraints']['0.5']['ratio_to_floor']:.2f}"
-            f" | {proj} | {r['peak_rss_gb']:.2f} |")
+            f"| {t['eval']:.2f} | {t['total']:.1f} | "
+            f"{r['constraints']['0.5']['ratio_to_floor']:.2f} | {proj} | {r['peak_rss_gb']:.2f} |")
     lines += ["", "| model | constraint | FLOPs kept | latency base ms | latency pruned ms | "
-              "speedup | throughput base/s | throughput pruned/s |", "|---|---|---|---|---|---|---|---|"]
+              "speedup | throughput base/s | throughput pruned/s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for c, run in r["constraints"].items():
             lat = run["latency"]

@@ -52,7 +52,8 @@ def get_adapter(model: nn.Module) -> Adapter:
     if family not in LAYOUTS:
         raise PruneError(
             f"architecture '{family}' is not supported; supported families: "
-            f"{', '.join(sorted(LAYOUTS))} (BERT-architecture checkpoints such as MiniLM use 'bert')"
+            f"{', '.join(sorted(LAYOUTS))} "
+            "(BERT-architecture checkpoints such as MiniLM use 'bert')"
         )
     layout = LAYOUTS[family]
     num_heads = getattr(config, layout["num_heads_attr"])

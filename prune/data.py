@@ -138,7 +138,8 @@ def _labels(raw: list, spec: TaskSpec, source: str) -> np.ndarray:
         try:
             return np.asarray([float(v) for v in raw], dtype=np.float32)
         except ValueError as err:
-            raise PruneError(f"{source}: non-numeric score in {spec.label_column} ({err})") from None
+            raise PruneError(
+                f"{source}: non-numeric score in {spec.label_column} ({err})") from None
     if spec.label_values is not None and raw and isinstance(raw[0], str):
         lookup = {v: i for i, v in enumerate(spec.label_values)}
         bad = sorted({str(v) for v in raw if v not in lookup})
@@ -166,7 +167,7 @@ def _load_hub(spec: TaskSpec, split: str) -> Examples:
                          f"(pip install datasets), or provide local files") from None
     data = datasets.load_dataset(spec.hub_path, spec.hub_name, split=hub_split)
     columns = spec.hub_text_columns or spec.text_columns
-    texts = list(zip(*(data[c] for c in columns)))
+    texts = list(zip(*(data[c] for c in columns), strict=True))
     return Examples(texts, _labels(list(data[spec.hub_label_column]), spec, where), where)
 
 
@@ -224,7 +225,7 @@ class Features:
 
 
 def tokenize(examples: Examples, tokenizer, max_length: int) -> Features:
-    columns = list(zip(*examples.texts))
+    columns = list(zip(*examples.texts, strict=True))
     encoded = tokenizer(*columns, truncation=True, max_length=max_length)
     return Features(encoded["input_ids"], encoded.get("token_type_ids"),
                     {"labels": examples.labels})

@@ -99,7 +99,7 @@ def compute_fisher(
                 neuron_grads.append(g_neuron.detach().float().cpu())
                 num_samples += int(batch["input_ids"].shape[0])
     finally:
-        for p, flag in zip(model.parameters(), flags):
+        for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
     if not head_grads:

@@ -21,7 +21,8 @@ def resolve_path(name_or_path: str) -> str:
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
             pip_name = module.replace("_", "-")
-            raise PruneError(f"package {module} is not installed: pip install --no-deps {pip_name}")
+            raise PruneError(
+                f"package {module} is not installed: pip install --no-deps {pip_name}")
         path = Path(spec.origin).parent / sub
         if not path.is_dir():
             raise PruneError(f"{path} does not exist inside package {module}; reinstall it")
@@ -69,8 +70,11 @@ def check_labels(config, spec, name: str) -> None:
 
 def load_model(name_or_path: str, kind: str = "classification", device: str = "cpu"):
     """(model, tokenizer) in eval mode; sequence classification or question answering."""
-    from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import (
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     path = resolve_path(name_or_path)
     cls = AutoModelForQuestionAnswering if kind == "qa" else AutoModelForSequenceClassification

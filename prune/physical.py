@@ -83,8 +83,11 @@ def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
 
 def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load a checkpoint written by ``save_pruned`` (or any plain HF checkpoint)."""
-    from transformers import AutoConfig, AutoModelForQuestionAnswering
-    from transformers import AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
 
     path = Path(path)
     if not (path / "config.json").exists():

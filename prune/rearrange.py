@@ -18,7 +18,7 @@ from prune.masks import Masks
 
 @torch.no_grad()
 def greedy_rearrange(kept: torch.Tensor, grads: torch.Tensor, sweeps: int = 1) -> torch.Tensor:
-    """Rearrange one layer. ``kept`` [n] (bool), ``grads`` [num_batches, n]; returns new ``kept``."""
+    """Rearrange one layer: ``kept`` [n] (bool), ``grads`` [num_batches, n]; returns new kept."""
     kept = kept.bool().clone()
     if kept.all() or not kept.any():
         return kept

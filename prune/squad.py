@@ -120,7 +120,8 @@ def postprocess(examples: list[QAExample], features: QAFeatures, start_logits: l
             min_null = min(min_null, float(s[0] + t[0]))
             for i in np.argsort(s)[::-1][:n_best]:
                 for j in np.argsort(t)[::-1][:n_best]:
-                    if offs[i] is None or offs[j] is None or j < i or j - i + 1 > max_answer_length:
+                    if (offs[i] is None or offs[j] is None or j < i
+                            or j - i + 1 > max_answer_length):
                         continue
                     score = float(s[i] + t[j])
                     if score > best_score:

@@ -13,8 +13,15 @@ import numpy as np
 from torch import nn
 
 from prune import squad
-from prune.data import (TaskSpec, find_local_file, load_examples, make_batches, require_hub,
-                        sample_indices, tokenize)
+from prune.data import (
+    TaskSpec,
+    find_local_file,
+    load_examples,
+    make_batches,
+    require_hub,
+    sample_indices,
+    tokenize,
+)
 from prune.evaluation import evaluate, predict_qa
 
 

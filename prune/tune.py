@@ -233,7 +233,8 @@ def tune_masks(
                 student_in = [
                     (_ffn_block(model, adapter, l, y, masks.neuron[l],
                                 activations[i] if activations else None), a, k)
-                    for i, (y, (_, a, k)) in enumerate(zip(ffn_inputs, student_in))]
+                    for i, (y, (_, a, k)) in enumerate(zip(ffn_inputs, student_in,
+                                                             strict=True))]
             del ffn_inputs, activations
     finally:
         model.train(was_training)
@@ -311,7 +312,7 @@ def _attention_pass(model, adapter, l, masks, student_in, tokens, targets):
             normal.rr += float(r.double().pow(2).sum())
     if kept.numel():
         k = kept.numel()
-        M = (W.t() @ W).double().cpu()
+        M = (W.double().t() @ W.double()).cpu()
         normal.G = (M * S).view(k, dh, k, dh).sum(dim=(1, 3))
         normal.c = cu.view(k, dh).sum(dim=1)
     return contexts, normal
@@ -334,13 +335,13 @@ def _ffn_pass(model, adapter, l, masks, student_in, contexts, ffn_tokens, target
     kept = masks.neuron[l].nonzero().flatten()
     down = adapter.module(model, l, "ffn_out")
     W = down.weight[:, kept]  # [D, K]
-    WtW = W.t() @ W  # [K, K]
+    WtW = W.double().t() @ W.double()  # [K, K]
     bias = down.bias if down.bias is not None else 0.0
     normal = _Normal(kept.numel())
     AtA = torch.zeros(kept.numel(), kept.numel(), dtype=torch.float32, device=W.device)
     c = torch.zeros(kept.numel(), dtype=torch.float64)
     inputs, activations = [], []
-    for b, ((h, _, _), u) in enumerate(zip(student_in, contexts)):
+    for b, ((h, _, _), u) in enumerate(zip(student_in, contexts, strict=True)):
         y = attn_norm(h + nn.functional.linear(u * head_scale, W_attn, attn_bias))  # (B, T, D)
         inputs.append(y)
         if kept.numel() == 0:
@@ -356,7 +357,7 @@ def _ffn_pass(model, adapter, l, masks, student_in, contexts, ffn_tokens, target
         AtA += a.t() @ a
         c += (a * (r @ W)).sum(dim=0).double().cpu()
         normal.rr += float(r.double().pow(2).sum())
-    normal.G = (AtA.double() * WtW.double()).cpu()
+    normal.G = (AtA.double() * WtW).cpu()
     normal.c = c
     return inputs, activations, normal
 

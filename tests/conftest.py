@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_EVALUATE_OFFLINE"):
+for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
+            "HF_EVALUATE_OFFLINE"):
     os.environ[var] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,9 +16,14 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (BertConfig, BertForQuestionAnswering,  # noqa: E402
-                          BertForSequenceClassification, DistilBertConfig,
-                          DistilBertForQuestionAnswering, DistilBertForSequenceClassification)
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+)
 
 FAMILIES = ["bert", "distilbert"]
 

@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_model
 from prune import Masks, flops_cost, get_adapter, prune_model
 
 

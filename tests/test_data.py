@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
-
 from conftest import SHARED
+
 from prune import PruneError
-from prune.data import (TaskSpec, check_data, load_examples, make_batches, sample_indices,
-                        tokenize)
+from prune.data import TaskSpec, check_data, load_examples, make_batches, sample_indices, tokenize
 from prune.metrics import compute_metrics
 
 SST2 = TaskSpec(name="sst2", kind="classification", num_labels=2, metric="accuracy",

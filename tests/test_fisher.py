@@ -1,7 +1,7 @@
 import torch
-
 from conftest import tiny_batches, tiny_model
-from prune import Masks, apply_masks, compute_fisher, get_adapter, prune_masks, flops_cost
+
+from prune import Masks, apply_masks, compute_fisher, flops_cost, get_adapter, prune_masks
 from prune.pipeline import PruneOptions
 
 
@@ -47,7 +47,8 @@ def test_bfloat16_autocast_fisher_ranks_units_like_float32(family):
     full = compute_fisher(model, adapter, batches, progress=False, amp="off")
     auto = compute_fisher(model, adapter, batches, progress=False, amp="auto")
     half = compute_fisher(model, adapter, batches, progress=False, amp="bf16")
-    assert autocast_dtype("cpu", "auto") is None and autocast_dtype("cpu", "bf16") is torch.bfloat16
+    assert autocast_dtype("cpu", "auto") is None
+    assert autocast_dtype("cpu", "bf16") is torch.bfloat16
     assert torch.equal(full.neuron_grads, auto.neuron_grads)
     assert half.neuron_grads.dtype == torch.float32
     assert not torch.equal(full.neuron_grads, half.neuron_grads), "bf16 must actually run"

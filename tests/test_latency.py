@@ -6,13 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
-from prune import PruneError, get_adapter
-from prune.latency import (LatencyTable, build_latency_table, cached_latency_table,
-                           fit_piecewise, measure_latency)
-from prune.search import search_masks
 from test_run import FAST, run
+
+from prune import PruneError, get_adapter
+from prune.latency import (
+    LatencyTable,
+    build_latency_table,
+    cached_latency_table,
+    fit_piecewise,
+    measure_latency,
+)
+from prune.search import search_masks
 
 
 def fake_table(L=3, H=4, N=16) -> LatencyTable:

@@ -1,6 +1,6 @@
 import torch
-
 from conftest import inputs_of, outputs, tiny_batches, tiny_model
+
 from prune import Masks, apply_masks, get_adapter
 
 

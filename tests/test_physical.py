@@ -2,9 +2,9 @@ import copy
 
 import pytest
 import torch
+from conftest import ROOT, outputs, tiny_batches, tiny_model
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-from conftest import ROOT, outputs, tiny_batches, tiny_model
 from prune import Masks, apply_masks, get_adapter, load_pruned, prune_model, save_pruned
 
 
@@ -80,7 +80,8 @@ def test_checkpoint_loads_in_a_fresh_interpreter_without_the_project(tmp_path):
         "print('ok')\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], cwd=tmp_path,
+                         env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 

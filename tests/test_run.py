@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, SHARED
 from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, SHARED
 from prune import PruneError, load_pruned
 
 FAST = ["prune.num_samples=64", "prune.batch_size=16", "eval.max_samples=96", "progress=false",

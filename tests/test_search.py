@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from prune import PruneError, flops_cost, get_adapter, search_masks
 from prune.cost import FlopsCost
 

@@ -4,11 +4,11 @@ and one end-to-end prune per task with a tiny model."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURES, write_tokenizer
+from test_run import FAST, config, run
+
 from prune import squad
 from prune.data import TaskSpec, load_examples
-from test_run import FAST, config, run
 
 GLUE_ROWS = {"cola": 6, "mrpc": 4, "qqp": 4, "mnli": 4, "qnli": 4, "rte": 4}
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import outputs, tiny_batches, tiny_model
-from prune import Masks, apply_masks, compute_fisher, get_adapter, search_masks, flops_cost
+
+from prune import Masks, apply_masks, compute_fisher, flops_cost, get_adapter, search_masks
 from prune.tune import tune_masks
 
 
@@ -30,7 +30,7 @@ def layer_errors(model, adapter, masks, batches):
         return store
 
     ref, got = sums(None), sums(masks)
-    return sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got))
+    return sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got, strict=True))
 
 
 def test_tuning_lowers_reconstruction_error(family):
@@ -41,7 +41,7 @@ def test_tuning_lowers_reconstruction_error(family):
     # the solver's own accounting: every fitted layer got no worse, and most got better
     for before, after in ((stats.attn_before, stats.attn_after),
                           (stats.ffn_before, stats.ffn_after)):
-        assert all(a <= b + 1e-9 for a, b in zip(after, before))
+        assert all(a <= b + 1e-9 for a, b in zip(after, before, strict=True))
     assert sum(stats.ffn_after) < sum(stats.ffn_before)
     # an independent measurement on the same samples: the model is closer to the unpruned one
     assert layer_errors(model, adapter, tuned, batches) < layer_errors(model, adapter, masks,
@@ -91,7 +91,7 @@ def test_teacher_assistant_target_runs(teacher_constraint):
     _, ta = searched(model, batches, teacher_constraint)
     tuned, stats = tune_masks(model, adapter, masks, batches, teacher=ta, progress=False)
     assert torch.equal(tuned.kept().neuron, masks.neuron)
-    assert all(a <= b + 1e-9 for a, b in zip(stats.ffn_after, stats.ffn_before))
+    assert all(a <= b + 1e-9 for a, b in zip(stats.ffn_after, stats.ffn_before, strict=True))
 
 
 def test_cached_student_recomputation_matches_the_masked_layer(family):
@@ -118,7 +118,7 @@ def test_cached_student_recomputation_matches_the_masked_layer(family):
                                         fake_targets, keep_activations=keep)
             assert bool(acts) == keep
             layer = adapter.layers(model)[0]
-            for i, ((h, a, k), y) in enumerate(zip(inputs, ffn_in)):
+            for i, ((h, a, k), y) in enumerate(zip(inputs, ffn_in, strict=True)):
                 with apply_masks(model, adapter, masks, layers=[0]):
                     expected = _run_layer(layer, h, (a, k))
                 got = _ffn_block(model, adapter, 0, y, masks.neuron[0], acts[i] if keep else None)

@@ -148,7 +148,7 @@ def resize_to_counts(model: nn.Module, family: str) -> None:
             f"but the model has {len(layers)}"
         )
     with torch.no_grad():
-        for layer, h, n in zip(layers, heads, neurons):
+        for layer, h, n in zip(layers, heads, neurons, strict=True):
             prune_layer(layer, layout, torch.arange(int(h)), torch.arange(int(n)), head_size)
 
 
