@@ -226,7 +226,7 @@ def tune_masks(
             keep = not last and positions * kept * 4 <= activation_cache_bytes
             ffn_inputs, activations, normal = _ffn_pass(model, adapter, l, masks, student_in,
                                                         contexts, ffn_tokens, ffn_targets, keep)
-            del contexts
+            del contexts, ffn_targets
             _update(masks.neuron, l, normal, damp, max_scale, f"layer {l} neurons",
                     stats.ffn_before, stats.ffn_after, stats)
             if not last:
