@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "metric",
+COLUMNS = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "tune_samples",
+           "metric",
            "baseline", "pruned", "drop", "flops_ratio", "latency_ratio", "speedup",
            "heads_kept", "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune",
            "t_physical", "t_pruning", "fisher_cache_hit", "path"]
@@ -21,6 +22,14 @@ def stage_of(prune_cfg: dict) -> str:
     return "+rearrange" if prune_cfg.get("rearrange") else "search"
 
 
+def tune_samples_of(record: dict) -> int | None:
+    """How many samples mask tuning used: ``prune.tune_samples`` capped at the sample count;
+    unset (results made before the option, or ``null``) means all of them."""
+    n = record.get("num_samples")
+    cap = record.get("config", {}).get("prune", {}).get("tune_samples")
+    return min(cap, n) if cap and n else n
+
+
 def row_of(record: dict, path: Path) -> dict:
     key, t = record["metric"], record.get("timings", {})
     latency = record.get("latency") or {}
@@ -30,7 +39,7 @@ def row_of(record: dict, path: Path) -> dict:
         "constraint": float(record["constraint"]),
         "stage": stage_of(record.get("config", {}).get("prune", {})),
         "seed": record.get("seed", 0), "num_samples": record.get("num_samples"),
-        "metric": key, "baseline": 100 * record["baseline"][key],
+        "tune_samples": tune_samples_of(record), "metric": key, "baseline": 100 * record["baseline"][key],
         "pruned": 100 * record["pruned"][key], "drop": record["drop"],
         "flops_ratio": record["flops"]["ratio"],
         "latency_ratio": latency.get("ratio"),
@@ -59,6 +68,6 @@ def collect(*roots: str | Path) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=COLUMNS)
     df = pd.DataFrame(rows).sort_values("_mtime")
-    key = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples"]
+    key = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "tune_samples"]
     df = df.drop_duplicates(subset=key, keep="last").drop(columns="_mtime")
     return df.sort_values(key).reset_index(drop=True)[COLUMNS]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from prune.pipeline import PruneOptions
+
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 
 
@@ -15,12 +17,19 @@ def paper_results() -> pd.DataFrame:
 
 
 def default_samples(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with the most common sample count: sample-count studies do not leak into the main
-    and ablation tables."""
+    """Rows with the most common sample count, tuned on the default number of samples (or, if no
+    run was, the most common one): sample-count and tuning-sample studies do not leak into the
+    main and ablation tables."""
+    df = df[df["kind"] == "flops"]  # latency-constrained runs are not FLOPs-table cells
     if df.empty:
         return df
-    df = df[df["kind"] == "flops"]  # latency-constrained runs are not FLOPs-table cells
-    return df[df["num_samples"] == df["num_samples"].mode().iloc[0]]
+    df = df[df["num_samples"] == df["num_samples"].mode().iloc[0]]
+    default = PruneOptions.__dataclass_fields__["tune_samples"].default
+    tuned = df["tune_samples"]
+    preferred = tuned == (min(default, df["num_samples"].iloc[0]) if default else df["num_samples"])
+    if preferred.any():
+        return df[preferred]
+    return df[tuned == tuned.mode().iloc[0]] if tuned.notna().any() else df
 
 
 def main_table(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -58,10 +67,12 @@ def ablation_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def samples_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread over seeds of the pruned metric per sample count."""
+    """Mean and spread over seeds of the pruned metric per sample count; the study tunes the
+    masks on all the samples, so runs that tuned on a subset stay out."""
     if df.empty:
         return pd.DataFrame()
-    full = df[(df["stage"] == "+tune") & (df["kind"] == "flops")]
+    full = df[(df["stage"] == "+tune") & (df["kind"] == "flops")
+              & (df["tune_samples"] == df["num_samples"])]
     return full.groupby(["model", "task", "constraint", "num_samples"])["pruned"].agg(
         ["mean", "std", "count"])
 

@@ -127,3 +127,22 @@ def test_latency_constrained_runs_stay_out_of_the_flops_tables(results):
     df = collect(results)
     assert set(df["kind"]) == {"flops", "latency"}
     assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
+
+
+def test_tuning_sample_variants_are_distinct_runs_and_stay_out_of_the_main_table(results):
+    from analysis.collect import collect
+    from analysis.tables import ablation_table, main_table, samples_table
+
+    for name, cap, pruned in (("t1", 512, 0.87), ("t2", 512, 0.87), ("t3", 256, 0.60)):
+        extra = record(constraint=0.6, pruned=pruned)
+        extra["config"]["prune"]["tune_samples"] = cap
+        (results / name).mkdir()
+        (results / name / "results.json").write_text(json.dumps(extra))
+    df = collect(results)
+    runs = df[(df["stage"] == "+tune") & (df["constraint"] == 0.6) & (df["model"] == "minilm")]
+    # the run tuned on all 2,048 samples and the one tuned on 512 are both kept (512 twice: once)
+    assert sorted(runs["tune_samples"]) == [256, 512, 2048]
+    assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(87.0)
+    assert ablation_table(df).loc[("minilm", "sst2", 0.6), "+tune"] == pytest.approx(87.0)
+    # the sample-count study tunes on all samples: the subset-tuned runs are not its cells
+    assert samples_table(df).loc[("minilm", "sst2", 0.6, 2048), "mean"] == pytest.approx(86.0)
