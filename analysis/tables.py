@@ -26,7 +26,8 @@ def default_samples(df: pd.DataFrame) -> pd.DataFrame:
     df = df[df["num_samples"] == df["num_samples"].mode().iloc[0]]
     default = PruneOptions.__dataclass_fields__["tune_samples"].default
     tuned = df["tune_samples"]
-    preferred = tuned == (min(default, df["num_samples"].iloc[0]) if default else df["num_samples"])
+    n = df["num_samples"].iloc[0]
+    preferred = tuned == (min(default, n) if default else n)
     if preferred.any():
         return df[preferred]
     return df[tuned == tuned.mode().iloc[0]] if tuned.notna().any() else df
