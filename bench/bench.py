@@ -245,6 +245,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench" + ("-full" if args.full else "") + ("-quick" if args.quick else "")
+    if sorted(args.models) != sorted(MODELS):  # a subset does not overwrite the whole-bench file
+        stem += "-" + "-".join(args.models)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (out / f"{stem}.md").write_text(table(results))
     print(table(results))
