@@ -8,8 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 COLUMNS = ["model", "task", "kind", "constraint", "stage", "seed", "num_samples", "tune_samples",
-           "metric",
-           "baseline", "pruned", "drop", "flops_ratio", "latency_ratio", "speedup",
+           "metric", "baseline", "pruned", "drop", "flops_ratio", "latency_ratio", "speedup",
            "heads_kept", "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune",
            "t_physical", "t_pruning", "fisher_cache_hit", "path"]
 
@@ -22,12 +21,15 @@ def stage_of(prune_cfg: dict) -> str:
     return "+rearrange" if prune_cfg.get("rearrange") else "search"
 
 
-def tune_samples_of(record: dict) -> int | None:
+def tuned_on(cap: int | None, num_samples: int | None) -> int | None:
     """How many samples mask tuning used: ``prune.tune_samples`` capped at the sample count;
     unset (results made before the option, or ``null``) means all of them."""
-    n = record.get("num_samples")
+    return min(cap, num_samples) if cap and num_samples else num_samples
+
+
+def tune_samples_of(record: dict) -> int | None:
     cap = record.get("config", {}).get("prune", {}).get("tune_samples")
-    return min(cap, n) if cap and n else n
+    return tuned_on(cap, record.get("num_samples"))
 
 
 def row_of(record: dict, path: Path) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.collect import tuned_on
 from prune.pipeline import PruneOptions
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
@@ -26,8 +27,7 @@ def default_samples(df: pd.DataFrame) -> pd.DataFrame:
     df = df[df["num_samples"] == df["num_samples"].mode().iloc[0]]
     default = PruneOptions.__dataclass_fields__["tune_samples"].default
     tuned = df["tune_samples"]
-    n = df["num_samples"].iloc[0]
-    preferred = tuned == (min(default, n) if default else n)
+    preferred = tuned == tuned_on(default, df["num_samples"].iloc[0])
     if preferred.any():
         return df[preferred]
     return df[tuned == tuned.mode().iloc[0]] if tuned.notna().any() else df
