@@ -105,6 +105,7 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     spec = task_spec(cfg.task)
     check_data(spec)
     device = pick_device(cfg.device)
+    amp = autocast_dtype(device, cfg.prune.amp)  # None (float32) unless CUDA with bfloat16
     checkpoint = resolve_checkpoint(cfg, spec, device)
     check_labels(load_config(checkpoint), spec, checkpoint)
 
@@ -133,7 +134,6 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
                                         warmup=lat.warmup, repeats=lat.repeats)
     latency_before = measure_latency(model, lat.batch_size, lat.seq_len, lat.warmup,
                                      lat.repeats) if lat.enabled else None
-    amp = autocast_dtype(device, cfg.prune.amp)  # None (float32) unless CUDA with bfloat16
     key = fisher_key(model=checkpoint_fingerprint(checkpoint), task=spec.name, seed=cfg.seed,
                      num_samples=cfg.prune.num_samples, batch_size=cfg.prune.batch_size,
                      replace=cfg.prune.sample_with_replacement, max_length=data.max_length,

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prune.arch import Adapter
+from prune.errors import PruneError
 from prune.masks import Masks, apply_masks
 
 
@@ -60,7 +61,7 @@ AMP_MODES = ("auto", "bf16", "off")
 def autocast_dtype(device: torch.device | str, amp: str) -> torch.dtype | None:
     """The autocast dtype ``amp`` selects on ``device`` (``None``: full precision)."""
     if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
+        raise PruneError(f"amp={amp!r}: use one of {', '.join(AMP_MODES)}")
     device = torch.device(device)
     if amp == "bf16":
         return torch.bfloat16

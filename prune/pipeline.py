@@ -46,9 +46,14 @@ class PruneOptions:
 
     def __post_init__(self):
         check_constraint(self.constraint)
+        from prune.errors import PruneError
         if self.tune_teacher not in ("full", "ta"):
-            from prune.errors import PruneError
             raise PruneError(f"tune_teacher must be 'full' or 'ta', not {self.tune_teacher!r}")
+        if self.tune_samples is not None and (isinstance(self.tune_samples, bool)
+                                              or not isinstance(self.tune_samples, int)
+                                              or self.tune_samples < 1):
+            raise PruneError(f"tune_samples={self.tune_samples!r}: use a positive number of "
+                             "samples, or null to tune on all of them")
 
 
 @dataclass

@@ -75,6 +75,18 @@ def test_bad_constraint_stops_early(tiny_checkpoints, tmp_path, no_model_loading
             tmp_path)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("prune.tune_samples=0", "tune_samples=0: use a positive number"),
+    ("prune.tune_samples=-5", "tune_samples=-5: use a positive number"),
+    ("prune.tune_samples=many", "tune_samples='many': use a positive number"),
+    ("prune.amp=fp8", "amp='fp8': use one of auto, bf16, off"),
+])
+def test_bad_pruning_option_stops_early(tiny_checkpoints, tmp_path, no_model_loading, override,
+                                        message):
+    with pytest.raises(PruneError, match=message):
+        run([f"model.path={tiny_checkpoints['cls2']}", override, *FAST], tmp_path)
+
+
 def test_missing_model_path_stops_early(tmp_path, no_model_loading):
     with pytest.raises(PruneError, match="does not exist"):
         run([f"model.path={tmp_path}/no/such/dir", *FAST], tmp_path)
