@@ -2,8 +2,11 @@
 
 One ``Adapter`` serves every supported family; the family only chooses a row of module paths
 (``LAYOUTS``, shared with the self-contained checkpoint code in ``hf_remote``). Supported:
-Hugging Face ``BertFor*`` (BERT, MiniLM and other BERT-architecture checkpoints) and
-``DistilBertFor*``, sequence classification and question answering heads.
+Hugging Face ``BertFor*`` (BERT, MiniLM and other BERT-architecture checkpoints),
+``DistilBertFor*``, ``MPNetFor*``, ``RobertaFor*``, ``XLMRobertaFor*`` and ``ElectraFor*``
+(the discriminator); pruned models are saved and reloaded with sequence classification and
+question answering heads. RoBERTa, XLM-RoBERTa and ELECTRA layers have BERT's modules and share
+its row; MPNet's row also names the per-head relative position bias its layers receive.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ class Adapter:
         return get_module(model.base_model, self.layout["layers"])
 
     def module(self, model: nn.Module, layer: int, part: str) -> nn.Module:
-        """``part`` is a layout key: query, key, value, attn_out, attn_norm, ffn_in, ffn_out,
-        ffn_norm or attention."""
+        """``part`` is a layout key: query, key, value, attn_out, attn_norm, ffn_in, ffn_act,
+        ffn_out, ffn_norm or attention."""
         return get_module(self.layers(model)[layer], self.layout[part])
 
     def heads_per_layer(self, model: nn.Module) -> list[int]:
@@ -47,11 +50,12 @@ class Adapter:
 
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for ``model``; a clear error for an architecture we cannot prune."""
-    config = model.config
-    family = config.model_type
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None)
     if family not in LAYOUTS:
         raise PruneError(
-            f"architecture '{family}' is not supported; supported families: "
+            f"architecture '{family or type(model).__name__}' is not supported; "
+            "supported families: "
             f"{', '.join(sorted(LAYOUTS))} "
             "(BERT-architecture checkpoints such as MiniLM use 'bert')"
         )

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random BERT / DistilBERT models built from configs, offline."""
+"""Shared fixtures: tiny random encoder models of every supported family, built from configs,
+offline."""
 
 from __future__ import annotations
 
@@ -16,36 +17,37 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForQuestionAnswering,
-    DistilBertForSequenceClassification,
-)
+from transformers import AutoConfig  # noqa: E402
 
-FAMILIES = ["bert", "distilbert"]
+import experiments.config  # noqa: E402,F401 - registers the structured config
+from prune.hf_remote.modeling_fastprune import MODEL_CLASSES  # noqa: E402
+
+# every supported family; RoBERTa, XLM-RoBERTa and ELECTRA share BERT's layer layout
+FAMILIES = ["bert", "distilbert", "mpnet", "roberta", "xlm-roberta", "electra"]
 
 
 def tiny_model(family: str = "bert", qa: bool = False, num_labels: int = 2, layers: int = 2,
                heads: int = 4, hidden: int = 32, ffn: int = 48, attn: str = "sdpa", seed: int = 0):
-    """A tiny random model; a large init range so that every unit matters to the output."""
+    """A tiny random model; a large init range so that every unit matters to the output.
+
+    ``attn`` falls back to eager for a family without SDPA (MPNet). ELECTRA gets a smaller
+    embedding size than its hidden size, so that its embedding projection is exercised.
+    """
     torch.manual_seed(seed)
-    if family == "bert":
-        config = BertConfig(vocab_size=120, hidden_size=hidden, num_hidden_layers=layers,
-                            num_attention_heads=heads, intermediate_size=ffn,
-                            max_position_embeddings=128, num_labels=num_labels,
-                            initializer_range=0.2, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)
-        cls = BertForQuestionAnswering if qa else BertForSequenceClassification
+    common = dict(vocab_size=120, max_position_embeddings=128, num_labels=num_labels,
+                  initializer_range=0.2)
+    if family == "distilbert":
+        config = AutoConfig.for_model(family, dim=hidden, n_layers=layers, n_heads=heads,
+                                      hidden_dim=ffn, dropout=0.0, attention_dropout=0.0,
+                                      **common)
     else:
-        config = DistilBertConfig(vocab_size=120, dim=hidden, n_layers=layers, n_heads=heads,
-                                  hidden_dim=ffn, max_position_embeddings=128,
-                                  num_labels=num_labels, initializer_range=0.2, dropout=0.0,
-                                  attention_dropout=0.0)
-        cls = DistilBertForQuestionAnswering if qa else DistilBertForSequenceClassification
-    config._attn_implementation = attn
+        extra = {"embedding_size": hidden // 2} if family == "electra" else {}
+        config = AutoConfig.for_model(family, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=ffn,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                      **extra, **common)
+    cls = MODEL_CLASSES[family][1 if qa else 0]
+    config._attn_implementation = attn if cls._supports_sdpa else "eager"
     return cls(config).eval()
 
 

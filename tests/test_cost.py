@@ -9,12 +9,29 @@ from prune import Masks, flops_cost, get_adapter, prune_model
 
 
 def counted_encoder_flops(model, seq_len: int) -> int:
-    """FLOPs of the encoder layers alone, counted by torch (eager attention, no padding)."""
+    """FLOPs of the encoder layers alone, counted by torch (eager attention, no padding).
+
+    Each layer gets the extra arguments the encoder really passes it (captured from one forward
+    pass outside the count): for MPNet that is the relative position bias (1, H, T, T), computed
+    once by the encoder and, like the embeddings, outside the per-layer budget.
+    """
     adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(args=args[1:], kwargs=kwargs)
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.randint(5, 100, (1, seq_len)))
+    finally:
+        handle.remove()
     hidden = torch.randn(1, seq_len, adapter.hidden_size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        for layer in adapter.layers(model):
-            out = layer(hidden, None)
+        for layer in layers:
+            out = layer(hidden, *captured["args"], **captured["kwargs"])
             hidden = out[0] if isinstance(out, tuple) else out
     return counter.get_total_flops()
 

@@ -1,19 +1,31 @@
+import ast
 import copy
+import json
 
 import pytest
 import torch
-from conftest import ROOT, outputs, tiny_batches, tiny_model
+from conftest import FAMILIES, ROOT, inputs_of, outputs, tiny_batches, tiny_model
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-from prune import Masks, apply_masks, get_adapter, load_pruned, prune_model, save_pruned
+from prune import (
+    Masks,
+    PruneError,
+    apply_masks,
+    get_adapter,
+    load_pruned,
+    prune_model,
+    save_pruned,
+)
 
 
 def tuned_looking_masks(adapter, seed=0) -> Masks:
-    """Random kept sets with real-valued scales, a 0-head layer and a 1-neuron layer."""
+    """Random kept sets with real-valued scales, a 0-head layer, a layer that keeps heads 1 and 3
+    (not a prefix: MPNet must pick those heads' position bias) and a 1-neuron layer."""
     g = torch.Generator().manual_seed(seed)
     keep_h = (torch.rand(adapter.num_layers, adapter.num_heads, generator=g) > 0.4).float()
     keep_n = (torch.rand(adapter.num_layers, adapter.intermediate_size, generator=g) > 0.5).float()
     keep_h[0] = 0.0
+    keep_h[1] = torch.tensor([0.0, 1.0, 0.0, 1.0])
     keep_n[1] = 0.0
     keep_n[1, 5] = 1.0
     scale_h = 0.5 + torch.rand(keep_h.shape, generator=g)
@@ -35,8 +47,10 @@ def test_physically_pruned_equals_masked_and_reloads(family, qa, tmp_path):
     n_before = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in pruned.parameters()) < n_before
     assert adapter.heads_per_layer(pruned) == masks.heads_per_layer()
-    assert adapter.heads_per_layer(pruned)[0] == 0
+    assert adapter.neurons_per_layer(pruned) == masks.neurons_per_layer()
+    assert adapter.heads_per_layer(pruned)[:2] == [0, 2]
     assert adapter.neurons_per_layer(pruned)[1] == 1
+    assert pruned.config.fastprune_head_index[:2] == [[], [1, 3]]
 
     save_pruned(pruned, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "modeling_fastprune.py").exists()
@@ -46,51 +60,79 @@ def test_physically_pruned_equals_masked_and_reloads(family, qa, tmp_path):
     assert torch.allclose(outputs(reloaded, batch), expected, atol=1e-4)
     ours = load_pruned(tmp_path / "ckpt")
     assert torch.allclose(outputs(ours, batch), expected, atol=1e-4)
+    for loaded in (reloaded, ours):
+        assert get_adapter(loaded).heads_per_layer(loaded) == masks.heads_per_layer()
+        assert get_adapter(loaded).neurons_per_layer(loaded) == masks.neurons_per_layer()
 
 
-def test_remote_code_file_does_not_import_this_project():
+def test_remote_code_file_imports_only_torch_and_transformers():
     from prune.physical import REMOTE_FILE
 
-    text = REMOTE_FILE.read_text()
-    assert "import prune" not in text and "from prune" not in text
+    tree = ast.parse(REMOTE_FILE.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "inspect", "torch", "transformers"}, imported
+
+
+FRESH_CASES = [(family, False) for family in FAMILIES] + [("mpnet", True), ("roberta", True)]
 
 
 def test_checkpoint_loads_in_a_fresh_interpreter_without_the_project(tmp_path):
-    """The saved checkpoint is self-contained: load it with cwd and sys.path away from here."""
+    """Saved checkpoints are self-contained: load them with cwd and sys.path away from here.
+
+    Every family's classifier and the MPNet and RoBERTa QA models, each with a layer that keeps
+    heads 1 and 3 only, so that MPNet's position-bias head selection is rebuilt from the config.
+    """
     import subprocess
     import sys
 
-    model = tiny_model("bert", layers=2)
-    adapter = get_adapter(model)
-    pruned = prune_model(copy.deepcopy(model), tuned_looking_masks(adapter, seed=3))
-    save_pruned(pruned, tmp_path / "ckpt")
-    batch = tiny_batches(1)[0]
-    torch.save(batch, tmp_path / "batch.pt")
-    torch.save(outputs(pruned, batch), tmp_path / "expected.pt")
+    cases = []
+    for family, qa in FRESH_CASES:
+        model = tiny_model(family, qa=qa, layers=2)
+        pruned = prune_model(model, tuned_looking_masks(get_adapter(model), seed=3))
+        name = f"{family}-{'qa' if qa else 'cls'}"
+        save_pruned(pruned, tmp_path / name)
+        batch = inputs_of(tiny_batches(1, qa=qa)[0])
+        torch.save(batch, tmp_path / name / "batch.pt")
+        torch.save(outputs(pruned, batch), tmp_path / name / "expected.pt")
+        auto = "AutoModelForQuestionAnswering" if qa else "AutoModelForSequenceClassification"
+        cases.append((name, auto))
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
     code = (
-        "import sys, torch\n"
+        "import json, sys, torch\n"
         "sys.path = [p for p in sys.path if p not in ('', '.', sys.argv[2])]\n"
-        "from transformers import AutoModelForSequenceClassification as A\n"
-        "m = A.from_pretrained(sys.argv[1] + '/ckpt', trust_remote_code=True).eval()\n"
-        "b = torch.load(sys.argv[1] + '/batch.pt')\n"
-        "b.pop('labels')\n"
-        "out = m(**b).logits\n"
+        "import transformers\n"
+        "for name, auto in json.load(open(sys.argv[1] + '/cases.json')):\n"
+        "    path = sys.argv[1] + '/' + name\n"
+        "    m = getattr(transformers, auto).from_pretrained(path, trust_remote_code=True)\n"
+        "    assert type(m).__name__.startswith('FastPrune'), name\n"
+        "    out = m.eval()(**torch.load(path + '/batch.pt'))\n"
+        "    out = out.logits if 'Classification' in auto else \\\n"
+        "        torch.cat([out.start_logits, out.end_logits], dim=-1)\n"
+        "    assert torch.allclose(out, torch.load(path + '/expected.pt'), atol=1e-4), name\n"
         "assert 'prune' not in sys.modules\n"
-        "assert torch.allclose(out, torch.load(sys.argv[1] + '/expected.pt'), atol=1e-4)\n"
-        "print('ok')\n"
+        "print('ok', len(json.load(open(sys.argv[1] + '/cases.json'))))\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], cwd=tmp_path,
-                         env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"ok {len(FRESH_CASES)}" in res.stdout, res.stderr[-2000:]
 
 
-def test_pruning_twice_is_refused():
-    model = tiny_model("bert")
+def test_pruning_twice_is_refused(family, tmp_path):
+    model = tiny_model(family)
     adapter = get_adapter(model)
     prune_model(model, tuned_looking_masks(adapter))
-    from prune import PruneError
-
     with pytest.raises(PruneError, match="already"):
         prune_model(model, tuned_looking_masks(adapter))
+    # a model that lost only neurons, and a reloaded pruned checkpoint, are pruned too
+    neurons_only = Masks.ones(adapter)
+    neurons_only.neuron[0, :5] = 0.0
+    model = prune_model(tiny_model(family), neurons_only)
+    assert adapter.heads_per_layer(model) == [adapter.num_heads] * adapter.num_layers
+    save_pruned(model, tmp_path / "ckpt")
+    for pruned in (model, load_pruned(tmp_path / "ckpt")):
+        with pytest.raises(PruneError, match="already"):
+            prune_model(pruned, Masks.ones(adapter))
