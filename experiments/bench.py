@@ -15,9 +15,9 @@ the floor use them all. DistilBERT and BERT-base run 512 samples by default (``-
 and the table adds the ratio projected to 2,048 samples from the measured parts (Fisher and the
 floor are linear in the sample count, tuning is capped).
 
-Ratios are measured in one run on one machine. Results: bench/results/bench.json and bench.md.
+Ratios are measured in one run on one machine. Results: outputs/bench/bench.json and bench.md.
 
-    python bench/bench.py [--quick] [--full] [--models minilm ...] [--tune-samples 512|all]
+    python -m experiments.bench [--quick] [--full] [--models minilm ...] [--tune-samples 512|all]
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODELS = {
     # name: (config builder kwargs or checkpoint, samples, note)
@@ -107,8 +106,8 @@ def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
     constraint (tuning only rescales kept units, so the other constraints skip it)."""
     import torch
 
+    from experiments.evaluation import predict
     from prune import flops_cost, get_adapter, prune_model
-    from prune.evaluation import predict
     from prune.fisher import compute_fisher
     from prune.latency import compare_latency, measure_latency
     from prune.pipeline import PruneOptions, prune_masks, timed
@@ -218,7 +217,7 @@ def main() -> None:
     parser.add_argument("--tune-samples", default="512",
                         help="samples for mask tuning ('all': the whole sample set)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     tune_samples = None if args.tune_samples == "all" else int(args.tune_samples)
@@ -232,10 +231,11 @@ def main() -> None:
         return
     results = []
     for name in args.models:  # one process per model: peak memory is per model
-        cmd = [sys.executable, __file__, "--one", name, "--tune-samples", args.tune_samples]
+        cmd = [sys.executable, "-m", "experiments.bench", "--one", name, "--tune-samples",
+               args.tune_samples]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--full"] if args.full else []
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, cwd=ROOT)
         line = [l for l in res.stdout.splitlines() if l.startswith("BENCH-JSON ")]
         if res.returncode != 0 or not line:
             sys.exit(f"bench of {name} failed:\n{res.stderr[-3000:]}")

@@ -1,9 +1,12 @@
-"""A disk cache for the Fisher information, so that a sweep over constraints (same model, task,
-seed and sample set) pays for the gradient pass once.
+"""Disk caches of expensive intermediate results, and the fingerprints they are keyed on.
 
-The key hashes everything the Fisher depends on: the checkpoint (its name and, for a local
-directory, the size and modification time of its weight files), the task, the seed, the sample
-count and drawing, the batch size and the maximum sequence length.
+A cache answers only the question it was asked: each entry is keyed on everything that changes
+its answer and stores that key beside the value, so a lookup with any other input (other data
+content, task spec, checkpoint, device, dtype, measurement settings or code version) is a miss,
+never a stale hit. Writing a cache entry is optional work: a failure warns and the run goes on.
+
+- the Fisher information (a sweep over constraints pays for the gradient pass once);
+- the latency lookup table of a model shape on a machine.
 """
 
 from __future__ import annotations
@@ -11,50 +14,135 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
+from experiments.records import write_atomic
+from prune.arch import Adapter
 from prune.fisher import Fisher
+from prune.latency import LatencyTable, build_latency_table
+from prune.runtime import model_device
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_fingerprint(name_or_path: str) -> dict:
+def key_hash(fields: dict) -> str:
+    """A short stable hash of JSON-serialisable fields."""
+    return hashlib.sha256(canonical(fields).encode()).hexdigest()[:16]
+
+
+def canonical(fields: dict) -> str:
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model")
+
+
+def weights_fingerprint(name_or_path: str) -> dict:
+    """A local checkpoint by the content of its files (weights, config, tokenizer); a hub id by
+    its name."""
     path = Path(name_or_path)
     if not path.is_dir():
-        return {"checkpoint": name_or_path}
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return {"checkpoint": str(path.resolve()),
-            "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+        return {"hub": name_or_path}
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and p.name != "finetune.json")
+    return {"files": {p.name: file_digest(p) for p in files}}
 
 
-def fisher_key(**fields) -> str:
-    """A short stable hash of the fields (JSON-serialisable values)."""
-    text = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def data_fingerprint(spec, split: str) -> dict:
+    """The data of one split: the local file's name and content digest, or the hub dataset."""
+    from experiments.data import find_local_file
+
+    path = find_local_file(spec, split)
+    if path is not None:
+        return {"file": Path(path).name, "sha256": file_digest(path)}
+    return {"hub": [spec.hub_path, spec.hub_name, spec.hub_split(split)]}
 
 
-def cached_fisher(cache_dir: str | Path | None, key: str,
+def _save_quietly(path: Path, write: Callable[[Path], None], what: str) -> None:
+    try:
+        write_atomic(path, write)
+    except OSError as err:
+        log.warning("could not write the %s cache %s (%s); going on without it", what, path, err)
+
+
+def cached_fisher(cache_dir: str | Path | None, key: dict,
                   compute: Callable[[], Fisher]) -> tuple[Fisher, bool]:
-    """(Fisher, hit): load ``<cache_dir>/<key>.pt`` or compute and store it atomically."""
+    """(Fisher, hit): the entry of ``key`` in ``cache_dir`` if there is one, else compute it
+    (and store it if it is finite)."""
     if cache_dir is None:
         return compute(), False
-    path = Path(cache_dir) / f"{key}.pt"
+    path = Path(cache_dir) / f"{key_hash(key)}.pt"
     if path.exists():
         try:
-            fisher = Fisher.from_state_dict(torch.load(path, map_location="cpu"))
-            log.info("Fisher information from cache %s", path)
-            return fisher, True
+            saved = torch.load(path, map_location="cpu")
+            if saved.get("key") == canonical(key):
+                log.info("Fisher information from cache %s", path)
+                return Fisher.from_state_dict(saved["fisher"]), True
+            log.warning("Fisher cache %s holds another key; recomputing", path)
         except Exception as err:  # a damaged file is recomputed, not fatal
             log.warning("ignoring unreadable Fisher cache %s (%s)", path, err)
     fisher = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save(fisher.state_dict(), tmp)
-    os.replace(tmp, path)
+    fisher.check_finite()
+    state = {"key": canonical(key), "fisher": fisher.state_dict()}
+    _save_quietly(path, lambda tmp: torch.save(state, tmp), "Fisher")
     return fisher, False
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS names it (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def latency_table_key(model: nn.Module, adapter: Adapter, batch_size: int, seq_len: int,
+                      points: int, min_run_time: float) -> dict:
+    """Everything a measured latency table depends on."""
+    device = model_device(model)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": f"{device.type}:{name}", "threads": torch.get_num_threads(),
+            "dtype": str(next(model.parameters()).dtype),
+            "attention": getattr(model.config, "_attn_implementation", None),
+            "family": adapter.family, "layers": adapter.num_layers, "heads": adapter.num_heads,
+            "hidden": adapter.hidden_size, "ffn": adapter.intermediate_size,
+            "batch_size": batch_size, "seq_len": seq_len, "points": points,
+            "min_run_time": min_run_time, "torch": torch.__version__, "version": 2}
+
+
+def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Path | None,
+                         batch_size: int = 32, seq_len: int = 128, points: int = 8,
+                         min_run_time: float = 0.5) -> LatencyTable:
+    """The table of this machine, model shape and measurement settings: cached or measured."""
+    key = latency_table_key(model, adapter, batch_size, seq_len, points, min_run_time)
+    path = Path(cache_dir) / f"latency-{key_hash(key)}.json" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == json.loads(canonical(key)):
+                return LatencyTable.from_dict(saved["table"])
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("ignoring unreadable latency table %s (%s)", path, err)
+    table = build_latency_table(model, adapter, batch_size, seq_len, points, min_run_time)
+    if path is not None:
+        text = json.dumps({"key": json.loads(canonical(key)), "table": table.to_dict()})
+        _save_quietly(path, lambda tmp: tmp.write_text(text), "latency table")
+    return table
+

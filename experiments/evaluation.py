@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prune.data import TaskSpec
+from experiments.data import TaskSpec
+from experiments.metrics import compute_metrics
 from prune.fisher import to_device
-from prune.metrics import compute_metrics
 
 
 @contextmanager

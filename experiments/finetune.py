@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prune.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
-from prune.evaluation import evaluate
+from experiments.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
+from experiments.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    train_samples: int = 24000
+    train_samples: int | None = 24000  # a seeded subset of the training split (None: all)
     epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-4
@@ -36,11 +36,49 @@ class FinetuneConfig:
     seed: int = 0
 
 
+# Bump when the training procedure changes what a given configuration produces.
+FINETUNE_VERSION = 2  # 2: transformers' linear warmup schedule
+
+
+def finetune_key(base: str, spec: TaskSpec, cfg: FinetuneConfig) -> dict:
+    """Everything the fine-tuned weights depend on: the pretrained weights (content), the
+    training data (content), the task's columns and labels, the settings and this code."""
+    from experiments.caches import data_fingerprint, weights_fingerprint
+
+    return {"base": weights_fingerprint(base), "train": data_fingerprint(spec, "train"),
+            "task": {k: getattr(spec, k) for k in ("name", "kind", "num_labels",
+                                                   "text_columns", "label_column",
+                                                   "label_values")},
+            "config": asdict(cfg), "version": FINETUNE_VERSION}
+
+
+def cached_finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig,
+                    device: str = "cpu", progress: bool = True) -> Path:
+    """The fine-tuned model in ``out_dir`` if it was made from the same inputs, else train it."""
+    out_dir = Path(out_dir)
+    key = finetune_key(base, spec, cfg)
+    info = out_dir / "finetune.json"
+    if info.exists():
+        try:
+            saved = json.loads(info.read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = {}
+        if saved.get("key") == json.loads(json.dumps(key)):
+            log.info("using cached fine-tuned %s (dev %s)", out_dir, saved.get("dev"))
+            return out_dir
+        log.info("the cached model in %s was made from other inputs; fine-tuning again", out_dir)
+    return finetune(base, spec, out_dir, cfg, device, progress, key=key)
+
+
 def finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig,
-             device: str = "cpu", progress: bool = True) -> Path:
+             device: str = "cpu", progress: bool = True, key: dict | None = None) -> Path:
     """Train ``base`` on ``spec``'s training data and save the task model to ``out_dir``."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
@@ -51,16 +89,14 @@ def finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig
     train = tokenize(load_examples(spec, "train"), tokenizer, cfg.max_seq_length)
     dev = tokenize(load_examples(spec, "eval"), tokenizer, spec.max_seq_length)
     rng = np.random.default_rng(cfg.seed)
-    chosen = sample_indices(len(train), cfg.train_samples, cfg.seed)
+    chosen = sample_indices(len(train), cfg.train_samples or len(train), cfg.seed)
     steps = cfg.epochs * math.ceil(len(chosen) / cfg.batch_size)
     named = list(model.named_parameters())
     no_decay = [p for n, p in named if "LayerNorm" in n or n.endswith("bias")]
     decay = [p for n, p in named if not ("LayerNorm" in n or n.endswith("bias"))]
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    warm = max(1, int(cfg.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    sched = get_linear_schedule_with_warmup(optim, int(cfg.warmup * steps), steps)
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=steps, desc="finetune", disable=not progress)
@@ -83,8 +119,8 @@ def finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     info = {"base": base, "task": spec.name, "dev": metrics, "steps": steps,
-            "seconds": time.perf_counter() - start, "config": asdict(cfg)}
-    (tmp / "finetune.json").write_text(json.dumps(info, indent=2))
+            "seconds": time.perf_counter() - start, "config": asdict(cfg), "key": key}
+    (tmp / "finetune.json").write_text(json.dumps(info, indent=2, default=str))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     log.info("fine-tuned %s on %s in %.0f s: dev %s", base, spec.name, info["seconds"], metrics)

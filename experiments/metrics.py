@@ -11,8 +11,8 @@ METRICS = {
     "accuracy": ("accuracy",),
     "accuracy_f1": ("accuracy", "f1"),
     "mcc": ("mcc",),
-    "pearson_spearman": ("pearson", "spearmanr"),
-    "squad": ("f1", "exact"),  # computed by prune.squad.squad_metrics
+    "pearson_spearman": ("spearmanr", "pearson"),  # STS-B: Spearman first, as the paper
+    "squad": ("f1", "exact"),  # computed by experiments.squad.squad_metrics
 }
 
 

@@ -1,29 +1,88 @@
-"""Run records: atomic JSON writes and the environment a result came from."""
+"""Run records and the files a run leaves: written atomically (readers see the old file or the
+whole new one), readable by others (mode 0644 under the usual umask), and the environment a
+result came from."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``. On any failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+
+    return write_atomic(path, write)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; when the block succeeds it replaces ``path``
+    (an older ``path`` is removed only then), otherwise it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def check_writable(directory: str | Path) -> None:
+    """Fail now, not after the work, if ``directory`` cannot take the run's files."""
+    from experiments.errors import RunError
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise RunError(f"cannot write to the run directory {directory} ({err.strerror}); "
+                       f"choose another with paths.output_dir=... or hydra.run.dir=...") from None
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prune.errors import PruneError
+from experiments.errors import RunError
 
 
 @dataclass
@@ -36,8 +36,8 @@ def read_squad_json(path: str | Path) -> list[QAExample]:
     """Examples of an official SQuAD file (``train-v1.1.json``, ``dev-v2.0.json``, ...)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
-    except (KeyError, json.JSONDecodeError) as err:
-        raise PruneError(f"{path} is not a SQuAD JSON file ({err}); use the official file") \
+    except (KeyError, TypeError, ValueError) as err:  # JSON and UTF-8 decoding errors too
+        raise RunError(f"{path} is not a SQuAD JSON file ({err}); use the official file") \
             from None
     out = []
     for article in data:
@@ -47,6 +47,8 @@ def read_squad_json(path: str | Path) -> list[QAExample]:
                 out.append(QAExample(qa["id"], qa["question"], para["context"],
                                      [a["text"] for a in answers],
                                      [int(a["answer_start"]) for a in answers]))
+    if not out:
+        raise RunError(f"{path} holds no questions; use the official SQuAD file")
     return out
 
 
@@ -74,7 +76,7 @@ def make_features(examples: list[QAExample], tokenizer, max_length: int = 384,
                   stride: int = 128) -> QAFeatures:
     """Sliding-window features with answer positions and context offsets."""
     if not examples:
-        raise PruneError("no SQuAD examples to tokenise")
+        raise RunError("no SQuAD examples to tokenise")
     enc = tokenizer([e.question.lstrip() for e in examples], [e.context for e in examples],
                     truncation="only_second", max_length=max_length, stride=stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True)

@@ -12,24 +12,24 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from prune import squad
-from prune.data import (
+from experiments import squad
+from experiments.data import (
     TaskSpec,
     find_local_file,
     load_examples,
     make_batches,
+    read_text_samples,
     require_hub,
     sample_indices,
     tokenize,
 )
-from prune.evaluation import evaluate, predict_qa
+from experiments.evaluation import evaluate, predict_qa
 
 
 @dataclass
 class EvalSet:
     batches: list[dict]
     size: int  # examples scored
-    mean_length: float  # mean tokens per sequence (feature, for QA)
     examples: list | None = None  # QA: the questions
     features: object | None = None  # QA: features in batch order
     order: np.ndarray | None = None  # QA: feature indices in batch order
@@ -40,7 +40,9 @@ class TaskData:
     sample_batches: list[dict]
     num_samples: int
     max_length: int
+    dev_mean_length: float  # mean tokens per sequence (per feature for QA) over the whole dev set
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)  # "eval", "eval:mismatched"
+    labelled: bool = True  # False for a text sample file (unlabeled importance only)
 
 
 def load_qa_examples(spec: TaskSpec, split: str) -> list[squad.QAExample]:
@@ -55,39 +57,51 @@ def load_qa_examples(spec: TaskSpec, split: str) -> list[squad.QAExample]:
 
 
 def _seeded_subset(n: int, max_samples: int | None, seed: int) -> np.ndarray:
-    return sample_indices(n, max_samples, seed) if max_samples else np.arange(n)
+    return np.sort(sample_indices(n, max_samples, seed)) if max_samples else np.arange(n)
 
 
 def build_task_data(spec: TaskSpec, tokenizer, num_samples: int, seed: int,
-                    with_replacement: bool = False, batch_size: int = 32,
+                    sampling: str = "without", batch_size: int = 32,
                     eval_batch_size: int = 128, eval_max_samples: int | None = None,
-                    max_length: int | None = None) -> TaskData:
-    """Tokenise the training split, draw the seeded sample set, and prepare every eval set."""
+                    max_length: int | None = None,
+                    sample_file: str | None = None) -> TaskData:
+    """Tokenise the training split (or the text ``sample_file``), draw the seeded sample set,
+    and prepare every eval set. ``dev_mean_length`` is measured on the whole dev set, so that
+    the cost model does not depend on ``eval_max_samples`` or the seed."""
     max_length = max_length or spec.max_seq_length
-    pad = tokenizer.pad_token_id or 0
-    if spec.kind == "qa":
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if sample_file:
+        train = tokenize(read_text_samples(sample_file, spec), tokenizer, max_length)
+    elif spec.kind == "qa":
         train = squad.make_features(load_qa_examples(spec, "train"), tokenizer, max_length,
                                     spec.doc_stride)
     else:
         train = tokenize(load_examples(spec, "train"), tokenizer, max_length)
-    samples = sample_indices(len(train), num_samples, seed, with_replacement)
-    data = TaskData(make_batches(train, samples, batch_size, pad), len(samples), max_length)
+    samples = sample_indices(len(train), num_samples, seed, sampling)
+    data = TaskData(make_batches(train, samples, batch_size, pad), len(samples), max_length,
+                    0.0, labelled=not sample_file)
     for split in spec.eval_splits():
         if spec.kind == "qa":
             examples = load_qa_examples(spec, split)
-            examples = [examples[i] for i in sorted(_seeded_subset(len(examples),
-                                                                   eval_max_samples, seed))]
-            feats = squad.make_features(examples, tokenizer, max_length, spec.doc_stride)
+            all_feats = squad.make_features(examples, tokenizer, max_length, spec.doc_stride)
+            if split == "eval":
+                data.dev_mean_length = float(all_feats.lengths().mean())
+            examples = [examples[i] for i in _seeded_subset(len(examples), eval_max_samples,
+                                                            seed)]
+            feats = squad.make_features(examples, tokenizer, max_length, spec.doc_stride) \
+                if eval_max_samples else all_feats
             order = np.argsort(feats.lengths(), kind="stable")
             data.eval_sets[split] = EvalSet(
                 make_batches(feats, order, eval_batch_size, pad, with_labels=False),
-                len(examples), float(feats.lengths().mean()), examples, feats, order)
+                len(examples), examples, feats, order)
         else:
             feats = tokenize(load_examples(spec, split), tokenizer, max_length)
+            if split == "eval":
+                data.dev_mean_length = float(feats.lengths().mean())
             idx = _seeded_subset(len(feats), eval_max_samples, seed)
             idx = idx[np.argsort(feats.lengths()[idx], kind="stable")]
             data.eval_sets[split] = EvalSet(make_batches(feats, idx, eval_batch_size, pad),
-                                            len(idx), float(feats.lengths()[idx].mean()))
+                                            len(idx))
     return data
 
 

@@ -1,11 +1,10 @@
-"""Experiment trackers for run.py (kept out of the ``prune`` library): none or W&B."""
+"""Experiment tracking for run.py (kept out of the ``prune`` library): none or W&B, offline by
+default."""
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 log = logging.getLogger("fastprune")
 
@@ -25,47 +24,36 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-class NullTracker:
-    def log(self, record: dict) -> None:
-        pass
+def _summary(record: dict) -> dict:
+    """Metrics, FLOPs, latency, timings and per-layer counts, namespaced and flat."""
+    summary = {
+        "eval/baseline": record["baseline"], "eval/pruned": record["pruned"],
+        "eval/drop": record["drop"], "flops": record["flops"],
+        "latency": record.get("latency") or {}, "time": record["timings"],
+        "masks": record["masks"],
+    }
+    return {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))}
 
 
-class WandbTracker:
-    def __init__(self, run):
-        self.run = run
-
-    def log(self, record: dict) -> None:
-        """Metrics, FLOPs, latency, timings and per-layer counts, namespaced."""
-        summary = {
-            "eval/baseline": record["baseline"], "eval/pruned": record["pruned"],
-            "eval/drop": record["drop"], "flops": record["flops"],
-            "latency": record.get("latency") or {}, "time": record["timings"],
-            "masks": record["masks"], "tune": record.get("tune") or {},
-        }
-        flat = {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))}
-        self.run.log(flat)
-        self.run.summary.update(flat)
-
-
-@contextmanager
-def tracker(cfg, out_dir) -> Iterator[NullTracker | WandbTracker]:
-    """The configured tracker, always closed when the run ends (also on errors)."""
-    if cfg.logger.kind == "none":
-        yield NullTracker()
+def log_record(logger_cfg, record: dict, config: dict) -> None:
+    """Send a finished run's record to the configured tracker. Called after ``results.json``
+    is written: a tracker that fails (no network, no API key, a bad setting) only warns."""
+    if logger_cfg.kind == "none":
         return
-    if cfg.logger.kind != "wandb":
-        from prune.errors import PruneError
-
-        raise PruneError(f"unknown logger {cfg.logger.kind!r}: use logger=none or logger=wandb")
-    import wandb
-    from omegaconf import OmegaConf
-
-    mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
-                     dir=str(cfg.logger.dir), name=f"{cfg.model.name}-{cfg.task.name}-"
-                     f"c{cfg.constraint}", tags=list(cfg.logger.tags),
-                     config=OmegaConf.to_container(cfg, resolve=True))
     try:
-        yield WandbTracker(run)
-    finally:
-        run.finish()
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE", logger_cfg.mode)
+        run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
+                         dir=str(logger_cfg.dir), name=f"{record['model']}-{record['task']}-"
+                         f"c{record['constraint']}", tags=list(logger_cfg.tags), config=config,
+                         reinit="create_new")
+        try:
+            flat = _summary(record)
+            run.log(flat)
+            run.summary.update(flat)
+        finally:
+            run.finish()
+    except Exception as err:  # any tracker failure: the record is already safe on disk
+        log.warning("logging to %s failed (%s); the run's record is in results.json",
+                    logger_cfg.kind, str(err).splitlines()[0] if str(err) else type(err).__name__)

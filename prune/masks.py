@@ -61,14 +61,26 @@ class Masks:
         return {"head": self.head.detach().cpu(), "neuron": self.neuron.detach().cpu()}
 
 
-def _scale_units(mask_row: torch.Tensor, unit_size: int):
-    """A pre-hook that multiplies the input's last dim, viewed as (units, unit_size), by a row."""
+def scale_units(x: torch.Tensor, mask_row: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """``x`` (B, T, units * unit_size) with each unit's slice scaled by ``mask_row``: one value
+    per unit ``[units]``, or one per sample and unit ``[B, units]`` (per-sample gradients).
+
+    Under reduced precision (bfloat16 autocast) the product is taken in float32, so that the
+    mask's gradient, a sum over tokens and features, is reduced in float32.
+    """
+    shape = x.shape
+    m = mask_row[:, None, :, None] if mask_row.dim() == 2 else mask_row[:, None]
+    if x.dtype == mask_row.dtype:
+        return (x.view(*shape[:-1], -1, unit_size) * m).view(shape)
+    scaled = x.float().view(*shape[:-1], -1, unit_size) * m.float()
+    return scaled.view(shape).to(x.dtype)
+
+
+def _scale_hook(mask_row: torch.Tensor, unit_size: int):
+    """A pre-hook applying ``scale_units`` to a module's first input."""
 
     def hook(module: nn.Module, args: tuple):
-        x = args[0]  # (B, T, units * unit_size)
-        shape = x.shape
-        scaled = x.view(*shape[:-1], -1, unit_size) * mask_row.to(x.dtype)[:, None]
-        return (scaled.view(shape), *args[1:])
+        return (scale_units(args[0], mask_row, unit_size), *args[1:])
 
     return hook
 
@@ -83,7 +95,9 @@ def apply_masks(
     """Apply ``masks`` to ``model`` (all layers, or only ``layers``) inside the block.
 
     The hooks read the mask tensors at call time, so a mask with ``requires_grad`` receives
-    gradients (the Fisher pass) and in-place edits take effect on the next forward.
+    gradients (the Fisher pass) and in-place edits take effect on the next forward. Masks may
+    also carry a batch dimension, ``[L, B, H]`` and ``[L, B, N]``: one mask per sample, whose
+    gradients are the per-sample gradients.
     """
     handles = []
     if masks is not None:
@@ -91,8 +105,8 @@ def apply_masks(
             attn_out = adapter.module(model, i, "attn_out")
             ffn_out = adapter.module(model, i, "ffn_out")
             handles.append(attn_out.register_forward_pre_hook(
-                _scale_units(masks.head[i], adapter.head_size)))
-            handles.append(ffn_out.register_forward_pre_hook(_scale_units(masks.neuron[i], 1)))
+                _scale_hook(masks.head[i], adapter.head_size)))
+            handles.append(ffn_out.register_forward_pre_hook(_scale_hook(masks.neuron[i], 1)))
     try:
         yield
     finally:

@@ -1,8 +1,10 @@
 """Physical pruning: remove pruned heads and neurons, fold tuned mask values into the weights,
 and save / load the smaller model as a normal Hugging Face checkpoint.
 
-Saved checkpoints carry ``fastprune_heads`` / ``fastprune_neurons`` (counts per layer) in their
-config, an ``auto_map`` and the self-contained ``modeling_fastprune.py``, so that
+Saved checkpoints carry ``fastprune_heads`` / ``fastprune_neurons`` (counts per layer) and
+``fastprune_head_index`` (the original ids of each layer's kept heads, which MPNet needs to select
+its relative position bias) in their config, an ``auto_map`` and the self-contained
+``modeling_fastprune.py``, so that
 ``AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True)`` loads them
 without this project installed; ``load_pruned(path)`` does the same without remote code.
 """
@@ -19,15 +21,18 @@ from prune.arch import Adapter, get_adapter
 from prune.errors import PruneError
 from prune.hf_remote import modeling_fastprune as remote
 from prune.masks import Masks
+from prune.tune import TunedWeights, set_weights
 
 REMOTE_FILE = Path(remote.__file__)
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, masks: Masks, adapter: Adapter | None = None) -> nn.Module:
+def prune_model(model: nn.Module, masks: Masks, adapter: Adapter | None = None,
+                weights: TunedWeights | None = None) -> nn.Module:
     """Fold ``masks`` into ``model`` and remove its zero-masked units, in place.
 
     The result computes what the masked model computes (up to float rounding) with fewer weights.
+    ``weights`` (from ``tune=bias|weights``) are written into the projections first.
     """
     adapter = adapter or get_adapter(model)
     masks = masks.to("cpu")
@@ -36,8 +41,10 @@ def prune_model(model: nn.Module, masks: Masks, adapter: Adapter | None = None) 
             f"head mask has shape {tuple(masks.head.shape)} but the model has "
             f"{adapter.num_layers} layers x {adapter.num_heads} heads; use masks of this model"
         )
-    if adapter.heads_per_layer(model) != [adapter.num_heads] * adapter.num_layers:
+    if _is_pruned(model, adapter):
         raise PruneError("this model is already physically pruned; prune the original model")
+    set_weights(model, adapter, masks, weights)  # tuned projections (tune=bias|weights)
+    kept_heads = [masks.head[l].nonzero().flatten() for l in range(adapter.num_layers)]
     for l, layer in enumerate(adapter.layers(model)):
         out_proj = adapter.module(model, l, "attn_out")
         scale = masks.head[l].repeat_interleave(adapter.head_size)  # [H * dh]
@@ -47,13 +54,23 @@ def prune_model(model: nn.Module, masks: Masks, adapter: Adapter | None = None) 
         remote.prune_layer(
             layer,
             adapter.layout,
-            keep_heads=masks.head[l].nonzero().flatten(),
+            keep_heads=kept_heads[l],
             keep_neurons=masks.neuron[l].nonzero().flatten(),
             head_size=adapter.head_size,
         )
     model.config.fastprune_heads = adapter.heads_per_layer(model)
     model.config.fastprune_neurons = adapter.neurons_per_layer(model)
+    model.config.fastprune_head_index = [k.tolist() for k in kept_heads]
     return model
+
+
+def _is_pruned(model: nn.Module, adapter: Adapter) -> bool:
+    """Whether ``model`` came out of ``prune_model`` (or a pruned checkpoint): its config says so
+    or some layer has fewer heads or neurons than the architecture."""
+    return (hasattr(model.config, "fastprune_heads")
+            or adapter.heads_per_layer(model) != [adapter.num_heads] * adapter.num_layers
+            or adapter.neurons_per_layer(model)
+            != [adapter.intermediate_size] * adapter.num_layers)
 
 
 def _auto_class(model: nn.Module) -> str:

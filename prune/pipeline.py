@@ -1,15 +1,16 @@
-"""The pruning pipeline in order: Fisher -> mask search -> rearrangement -> tuning (Fig. 2).
+"""The pipeline in order: Fisher -> mask search -> rearrangement -> tuning (paper Fig. 2).
 
-``prune_masks`` returns masks; ``prune.physical.prune_model`` then makes the model smaller.
-Each stage after the search can be switched off; each is timed.
+``prune_masks`` returns masks (and, when tuning reconstructs weights, new projection weights);
+``prune.physical.prune_model`` then makes the model smaller. Each stage after the search can be
+switched off, and each is timed. ``PruneOptions`` is the one place the pipeline's defaults live.
 
-Sample use, deliberately unlike the official code: the Fisher pass uses the whole sample set, mask
-tuning its first ``tune_samples`` (512) samples. Tuning solves, per layer, a least-squares problem
-with at most as many unknowns as the layer keeps units, over every token of every sample; 512
-samples over-determine it many times, while tuning costs about one forward pass of the teacher
-and one of the student per sample, as much as the Fisher pass itself. On the demo (SST-2, 0.4 /
-0.5 / 0.6) tuning on 256 / 512 / 1,024 / 2,048 samples gave accuracies within 0.35 points of each
-other (``experiment=tune_samples_cpu``). ``tune_samples=None`` tunes on everything, as the paper.
+Sample use, deliberately unlike the official code: the Fisher pass uses the whole sample set,
+tuning its first ``tune_samples`` (512) samples. Tuning solves, per layer, a least-squares
+problem with at most as many unknowns as the layer keeps units, over every token of every
+sample; 512 samples over-determine it many times, while tuning costs about one forward pass of
+the teacher and one of the student per sample. ``tune_samples=None`` tunes on everything, as
+the paper. The modes that may fall back on held-out samples (``bias``, ``weights``) take the
+``tune_holdout`` samples that follow the tuning samples.
 """
 
 from __future__ import annotations
@@ -17,43 +18,87 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
 from prune.arch import Adapter
-from prune.cost import FlopsCost
-from prune.fisher import Fisher, compute_fisher
+from prune.cost import CostModel
+from prune.errors import PruneError
+from prune.fisher import AMP_MODES, IMPORTANCE, Fisher, compute_fisher, fisher_chunks
 from prune.masks import Masks
 from prune.rearrange import rearrange_masks
 from prune.search import check_constraint, search_masks
-from prune.tune import TuneStats, tune_masks
+from prune.tune import TunedWeights, TuneOptions, TuneStats, tune_masks
 
 log = logging.getLogger(__name__)
+
+TUNE = ("off", "mask", "bias", "weights")
+TEACHERS = ("full", "ta")
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    constraint: float  # fraction of encoder FLOPs kept, in (0, 1]
+    """Every choice of the pipeline, with its default (run.py's config mirrors these)."""
+
+    constraint: float  # fraction of the cost (FLOPs or latency) kept, in (0, 1]
+    importance: str = "fisher"  # fisher (labels) | fisher_unlabeled (the model's predictions)
+    amp: str = "auto"  # Fisher pass in bfloat16 autocast on CUDA with bf16: auto | bf16 | off
     rearrange: bool = True
-    rearrange_sweeps: int = 1
-    tune: bool = True
-    tune_teacher: str = "full"  # "full" (unpruned model) or "ta" (official teacher-assistant)
-    tune_damp: float = 1e-2
+    rearrange_sweeps: int = 1  # 1 = the paper's single greedy pass
+    tune: str = "mask"  # off | mask (the paper) | bias | weights (beyond the paper)
+    tune_teacher: str = "full"  # full (unpruned model) | ta (official teacher-assistant)
+    tune_teacher_rearrange: bool = False  # rearrange the TA mask too (the official code does not)
+    tune_damp: float = 1e-2  # ridge of the mask solve, relative to mean(diag G)
+    tune_weight_damp: float = 1e-1  # ridge of the weight solve (tune=weights)
     tune_max_scale: float = 10.0
     tune_samples: int | None = 512  # tune on the first n samples only (None: the whole set)
-    cls_only_last: bool = True  # fit the last FFN on [CLS] only (sequence classification)
+    tune_holdout: int = 128  # samples after those, to check bias/weight solutions on
+    tune_solver: str = "cholesky"  # cholesky | lsmr (official)
+    tune_bias_column: bool = False  # official: scalar bias column in the head solve, dropped
+    tune_first_attention: bool = True  # official: False
+    tune_ffn_target: str = "masked"  # masked | unmasked (official)
+    tune_on_failure: str = "layer"  # layer | stop (official)
+    cls_only_last: bool | None = None  # fit the last FFN on [CLS] only; None: from the model
 
     def __post_init__(self):
         check_constraint(self.constraint)
-        from prune.errors import PruneError
-        if self.tune_teacher not in ("full", "ta"):
-            raise PruneError(f"tune_teacher must be 'full' or 'ta', not {self.tune_teacher!r}")
-        if self.tune_samples is not None and (isinstance(self.tune_samples, bool)
-                                              or not isinstance(self.tune_samples, int)
-                                              or self.tune_samples < 1):
-            raise PruneError(f"tune_samples={self.tune_samples!r}: use a positive number of "
-                             "samples, or null to tune on all of them")
+        choices = (("importance", IMPORTANCE), ("amp", AMP_MODES), ("tune", TUNE),
+                   ("tune_teacher", TEACHERS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise PruneError(f"{name}={getattr(self, name)!r}: use one of "
+                                 f"{', '.join(allowed)}")
+        for name in ("rearrange", "tune_teacher_rearrange", "tune_bias_column",
+                     "tune_first_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise PruneError(f"{name}={getattr(self, name)!r}: use true or false")
+        _positive_int("rearrange_sweeps", self.rearrange_sweeps)
+        _positive_int("tune_holdout", self.tune_holdout, zero=True)
+        if self.tune_samples is not None:
+            _positive_int("tune_samples", self.tune_samples, hint=", or null to tune on all "
+                          "of them")
+        self.tune_options(False)  # validates the tuning options
+
+    def tune_options(self, cls_only_last: bool) -> TuneOptions:
+        return TuneOptions(
+            mode=self.tune if self.tune != "off" else "mask", damp=self.tune_damp,
+            weight_damp=self.tune_weight_damp, max_scale=self.tune_max_scale,
+            cls_only_last=cls_only_last, solver=self.tune_solver,
+            bias_column=self.tune_bias_column, first_attention=self.tune_first_attention,
+            ffn_target=self.tune_ffn_target, on_failure=self.tune_on_failure)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every option with a default, and its value."""
+        return {f.name: f.default for f in fields(cls) if f.name != "constraint"}
+
+
+def _positive_int(name: str, value, zero: bool = False, hint: str = "") -> None:
+    low = 0 if zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a number >= 0" if zero else "a positive number"
+        raise PruneError(f"{name}={value!r}: use {what}{hint}")
 
 
 @dataclass
@@ -64,6 +109,7 @@ class PruneResult:
     fisher: Fisher
     timings: dict[str, float] = field(default_factory=dict)
     tune_stats: TuneStats | None = None
+    weights: TunedWeights = field(default_factory=TunedWeights)  # tune=bias|weights
 
 
 class _Timer:
@@ -74,33 +120,40 @@ class _Timer:
         self.start = time.perf_counter()
 
     def __exit__(self, *exc):
-        self.timings[self.key] = time.perf_counter() - self.start
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - \
+            self.start
 
 
 def timed(timings: dict, key: str) -> _Timer:
-    """``with timed(t, 'fisher'): ...`` stores the block's wall time in ``t['fisher']``."""
+    """``with timed(t, 'fisher'): ...`` adds the block's wall time to ``t['fisher']``."""
     return _Timer(timings, key)
+
+
+def is_question_answering(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForQuestionAnswering")
 
 
 def prune_masks(
     model: nn.Module,
     adapter: Adapter,
     sample_batches: list[dict],
-    cost: FlopsCost,
+    cost: CostModel,
     opts: PruneOptions,
     fisher: Fisher | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> PruneResult:
     """Find pruning masks for ``model`` from the sample set (no retraining).
 
-    ``fisher`` may be passed in (e.g. from a cache) to skip the gradient pass.
+    ``fisher`` may be passed in (e.g. from a cache, or shared by several constraints) to skip
+    the gradient pass.
     """
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"fisher": 0.0}
     if fisher is None:
         with timed(timings, "fisher"):
-            fisher = compute_fisher(model, adapter, sample_batches, progress)
-    else:
-        timings["fisher"] = 0.0
+            fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
+                                    opts.importance, seed)
+    fisher.check_finite()
     with timed(timings, "search"):
         searched = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
                                 opts.constraint)
@@ -110,33 +163,125 @@ def prune_masks(
         with timed(timings, "rearrange"):
             rearranged = rearrange_masks(searched, fisher, opts.rearrange_sweeps)
         masks = rearranged
-    stats = None
-    if opts.tune:
+    result = PruneResult(masks.to("cpu"), searched, rearranged, fisher, timings)
+    if opts.tune != "off":
         with timed(timings, "tune"):
-            teacher = None
-            if opts.tune_teacher == "ta":
-                ta = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
-                                  math.sqrt(opts.constraint))
-                teacher = rearrange_masks(ta, fisher, opts.rearrange_sweeps) \
-                    if opts.rearrange else ta
-            masks, stats = tune_masks(model, adapter, masks,
-                                      first_samples(sample_batches, opts.tune_samples),
-                                      teacher=teacher,
-                                      damp=opts.tune_damp, max_scale=opts.tune_max_scale,
-                                      cls_only_last=opts.cls_only_last, progress=progress)
-    return PruneResult(masks.to("cpu"), searched, rearranged, fisher, timings, stats)
+            teacher = teacher_masks(fisher, cost, opts)
+            cls_only = opts.cls_only_last
+            if cls_only is None:
+                cls_only = not is_question_answering(model)
+            tune_set, holdout = split_samples(sample_batches, opts.tune_samples,
+                                              opts.tune_holdout if opts.tune != "mask" else 0)
+            tuned = tune_masks(model, adapter, masks, tune_set, teacher,
+                               opts.tune_options(cls_only), holdout, progress)
+        result.masks, result.weights, result.tune_stats = tuned.masks, tuned.weights, tuned.stats
+    return result
+
+
+def teacher_masks(fisher: Fisher, cost: CostModel, opts: PruneOptions) -> Masks | None:
+    """The tuning target: the unpruned model (``None``), or the official teacher-assistant,
+    searched at ``sqrt(constraint)`` and rearranged only if ``tune_teacher_rearrange``."""
+    if opts.tune_teacher == "full":
+        return None
+    ta = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
+                      math.sqrt(opts.constraint))
+    if opts.tune_teacher_rearrange:
+        ta = rearrange_masks(ta, fisher, opts.rearrange_sweeps)
+    return ta
+
+
+def _take(batches: list[dict], skip: int, count: int | None) -> list[dict]:
+    """Samples ``skip .. skip + count`` of ``batches`` (all the rest for ``None``)."""
+    out, seen = [], 0
+    for batch in batches:
+        n = int(batch["input_ids"].shape[0])
+        lo, hi = max(skip - seen, 0), n if count is None else min(skip + count - seen, n)
+        if lo < hi:
+            out.append(batch if (lo, hi) == (0, n) else {k: v[lo:hi] for k, v in batch.items()})
+        seen += n
+    return out
+
+
+def split_samples(batches: list[dict], tune: int | None,
+                  holdout: int) -> tuple[list[dict], list[dict]]:
+    """The tuning samples (the first ``tune``, all if ``None``) and up to ``holdout`` held-out
+    samples after them; if none are left, the last ``holdout`` tuning samples are held out."""
+    total = sum(int(b["input_ids"].shape[0]) for b in batches)
+    fit = total if tune is None else min(tune, total)
+    if holdout and fit >= total:  # nothing after the tuning samples: carve from their end
+        held = min(holdout, fit // 4)
+        fit -= held
+        return _take(batches, 0, fit), _take(batches, fit, held)
+    return _take(batches, 0, fit), _take(batches, fit, holdout) if holdout else []
 
 
 def first_samples(batches: list[dict], count: int | None) -> list[dict]:
-    """The first ``count`` samples of ``batches`` (already a random draw), cutting the last
-    batch; all of them when ``count`` is None."""
-    if count is None:
-        return batches
-    out, left = [], int(count)
-    for batch in batches:
-        if left <= 0:
-            break
-        n = int(batch["input_ids"].shape[0])
-        out.append(batch if n <= left else {k: v[:left] for k, v in batch.items()})
-        left -= n
-    return out
+    """The first ``count`` samples of ``batches`` (already a random draw); all for ``None``."""
+    return _take(batches, 0, count)
+
+
+@dataclass
+class AdaptiveInfo:
+    """How many samples the adaptive Fisher pass used, and why it stopped."""
+
+    samples: int
+    reason: str
+    changes: list[float] = field(default_factory=list)  # cost-weighted change per chunk
+
+
+def masks_change(a: Masks, b: Masks, cost: CostModel) -> float:
+    """The cost-weighted fraction of the kept units that differ between two binary masks."""
+    ha, hb = a.head != 0, b.head != 0
+    na, nb = a.neuron != 0, b.neuron != 0
+    diff = float((ha ^ hb).sum()) * cost.attn.slope + float((na ^ nb).sum()) * cost.ffn.slope
+    kept = float(hb.sum()) * cost.attn.slope + float(nb.sum()) * cost.ffn.slope
+    return diff / (2 * kept) if kept else 0.0
+
+
+def adaptive_fisher(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: list[dict],
+    cost: CostModel,
+    constraints: list[float],
+    opts: PruneOptions,
+    chunk: int = 256,
+    tolerance: float = 0.01,
+    min_samples: int = 512,
+    progress: bool = True,
+    seed: int = 0,
+) -> tuple[Fisher, AdaptiveInfo]:
+    """The Fisher pass over ``batches`` in chunks of ``chunk`` samples, stopped once the masks
+    searched (and rearranged, if enabled) at every constraint change by less than ``tolerance``
+    (cost-weighted, ``masks_change``) from one chunk to the next, after at least
+    ``min_samples``; ``batches`` is the ceiling."""
+    parts: list[Fisher] = []
+    previous: list[Masks] | None = None
+    changes: list[float] = []
+    used, next_check = 0, max(chunk, min_samples - chunk)
+    for part in fisher_chunks(model, adapter, batches, opts.importance, opts.amp, progress,
+                              seed):
+        parts.append(part)
+        used += part.num_samples
+        if used < next_check:
+            continue
+        next_check = used + chunk
+        fisher = Fisher.concat(parts).check_finite()
+        current = []
+        for c in constraints:
+            m = search_masks(fisher.head_importance, fisher.neuron_importance, cost, c)
+            current.append(rearrange_masks(m, fisher, opts.rearrange_sweeps)
+                           if opts.rearrange else m)
+        if previous is not None:
+            change = max(masks_change(p, q, cost) for p, q in zip(previous, current,
+                                                                  strict=True))
+            changes.append(change)
+            if change < tolerance and used >= min_samples:
+                return fisher, AdaptiveInfo(used, f"masks changed by {change:.4f} < "
+                                            f"{tolerance} over the last {chunk} samples",
+                                            changes)
+        previous = current
+    if not parts:
+        raise PruneError("adaptive_fisher got no batches: the sample set is empty")
+    return Fisher.concat(parts), AdaptiveInfo(used, "reached the sample ceiling", changes)
+

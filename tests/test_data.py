@@ -2,9 +2,16 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from prune import PruneError
-from prune.data import TaskSpec, check_data, load_examples, make_batches, sample_indices, tokenize
-from prune.metrics import compute_metrics
+from experiments.data import (
+    TaskSpec,
+    check_data,
+    load_examples,
+    make_batches,
+    sample_indices,
+    tokenize,
+)
+from experiments.errors import RunError
+from experiments.metrics import compute_metrics
 
 SST2 = TaskSpec(name="sst2", kind="classification", num_labels=2, metric="accuracy",
                 text_columns=("sentence",), label_column="label",
@@ -35,13 +42,13 @@ def test_missing_columns_name_the_file_and_the_fix(tmp_path):
     (tmp_path / "train.tsv").write_text("text\tlabel\nfine film\t1\n")
     (tmp_path / "dev.tsv").write_text("text\tlabel\nbad film\t0\n")
     spec = TaskSpec(**{**SST2.__dict__, "local_dir": str(tmp_path)})
-    with pytest.raises(PruneError, match=r"train.tsv lacks column\(s\) \['sentence'\]"):
+    with pytest.raises(RunError, match=r"train.tsv lacks column\(s\) \['sentence'\]"):
         check_data(spec)
 
 
 def test_missing_files_offline_fail_fast_with_both_fixes(tmp_path):
     spec = TaskSpec(**{**SST2.__dict__, "local_dir": str(tmp_path / "nowhere")})
-    with pytest.raises(PruneError, match="offline"):
+    with pytest.raises(RunError, match="offline"):
         check_data(spec)
 
 
@@ -50,7 +57,7 @@ def test_sampling_is_seeded_and_without_replacement_by_default():
     assert np.array_equal(a, b) and len(set(a.tolist())) == 40
     assert not np.array_equal(a, sample_indices(100, 40, seed=4))
     assert len(sample_indices(10, 50, seed=0)) == 10
-    assert len(sample_indices(10, 50, seed=0, replace=True)) == 50
+    assert len(sample_indices(10, 50, seed=0, sampling="with")) == 50
 
 
 def test_batches_pad_dynamically(tmp_path):

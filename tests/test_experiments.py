@@ -1,13 +1,16 @@
-"""Sweeps: every experiment config composes and runs one point; a sweep resumes without redoing
-or duplicating runs; constraints of one sweep share the Fisher information through the cache."""
+"""Sweeps and caches: every experiment config composes and runs one point; a sweep resumes
+without redoing or duplicating runs; constraints share the Fisher information through the cache,
+which is keyed on everything that changes it; a family of constraints comes from one pass."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, SHARED
 from hydra import compose, initialize_config_dir
 from test_run import FAST, run
 
@@ -24,34 +27,43 @@ def sweep_params(name):
 def test_every_experiment_composes_and_its_first_point_runs(name, tiny_checkpoints, tmp_path):
     cfg, params = sweep_params(name)
     assert cfg.sweep_name == name
-    for group in ("model", "task", "stages"):
+    for group in ("model", "task", "stages", "+variant"):
         for option in params.get(group, []):
-            assert (ROOT / "conf" / group / f"{option}.yaml").exists(), f"{group}={option}"
+            folder = group.lstrip("+")
+            assert (ROOT / "conf" / folder / f"{option}.yaml").exists(), f"{group}={option}"
     first = [f"{k}={v[0]}" for k, v in params.items()]
     assert "task=sst2" in first or "task" not in params  # the first point is a GLUE run
-    if cfg.constraint_kind == "latency":
-        # a tiny model's latency is mostly fixed overhead: 0.5 of it is out of reach (the run
-        # says so and stops), so its first point runs at a budget the tiny model can meet
-        first = [p if not p.startswith("constraint=") else "constraint=0.9" for p in first]
-    budget = float(next(p for p in first if p.startswith("constraint=")).split("=")[1])
-    record = run([f"experiment={name}", *first, f"model.path={tiny_checkpoints['cls2']}",
-                  *FAST], tmp_path)
-    assert record["constraint_kind"] == cfg.constraint_kind
-    if cfg.constraint_kind == "latency":
-        assert record["latency"]["predicted_ratio"] <= budget + 1e-6
-    else:
-        assert record["flops"]["ratio"] <= budget + 1e-9
+    kind = next((p.split("=")[1] for p in first if p.startswith("constraint_kind=")),
+                cfg.constraint_kind)
+    if kind == "latency":
+        # a tiny model's latency is mostly fixed overhead: most budgets are out of reach (the
+        # run says so and stops), so its first point runs at a budget the tiny model can meet
+        first = [p for p in first if not p.startswith("constraint=")] + ["constraint=1.0"]
+    given = next((p.split("=")[1] for p in first if p.startswith("constraint=")), None)
+    budgets = [float(given)] if given else list(cfg.constraint) if not isinstance(
+        cfg.constraint, float) else [cfg.constraint]
+    out = run([f"experiment={name}", *first, f"model.path={tiny_checkpoints['cls2']}",
+               *FAST], tmp_path)
+    records = out if isinstance(out, list) else [out]
+    assert [r["constraint"] for r in records] == budgets
+    for record, budget in zip(records, budgets, strict=True):
+        assert record["constraint_kind"] == kind
+        if kind == "latency":
+            assert record["latency"]["predicted_ratio"] <= budget + 1e-6
+        else:
+            assert record["flops"]["ratio"] <= budget + 1e-9
 
 
 def multirun(out: Path, ckpt: Path):
-    args = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=main_cpu",
-            f"model.path={ckpt}", f"paths.output_dir={out}", f"paths.cache_dir={out}/cache",
-            "save_model=false", *FAST]
+    args = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=main_cpu", "task=sst2",
+            "seed=0", f"model.path={ckpt}", f"paths.output_dir={out}",
+            f"paths.cache_dir={out}/cache", "save_model=false", *FAST]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_sweep_reuses_fisher_and_resumes_without_redoing_runs(tiny_checkpoints, tmp_path):
     multirun(tmp_path, tiny_checkpoints["cls2"])
     results = sorted((tmp_path / "sweeps" / "main_cpu").glob("*/results.json"))
@@ -71,23 +83,147 @@ def test_sweep_reuses_fisher_and_resumes_without_redoing_runs(tiny_checkpoints, 
     assert json.loads(again[1].read_text())["fisher_cache"]["hit"] is True
 
 
-def test_fisher_cache_miss_on_another_seed_or_sample_count(tiny_checkpoints, tmp_path):
-    cache = f"paths.cache_dir={tmp_path}/cache"
-    base = [f"model.path={tiny_checkpoints['cls2']}", cache, "save_model=false", *FAST]
-    first = run(base, tmp_path / "a")
-    assert first["fisher_cache"]["hit"] is False
-    assert run([*base, "constraint=0.4"], tmp_path / "b")["fisher_cache"]["hit"] is True
-    assert run([*base, "seed=1"], tmp_path / "c")["fisher_cache"]["hit"] is False
-    assert run([*base, "prune.num_samples=48"], tmp_path / "d")["fisher_cache"]["hit"] is False
+def test_records_name_the_real_fisher_cache_entry(tiny_checkpoints, tmp_path):
+    """Each record's Fisher key is the hash of the cache entry it used (not the metric's
+    name): runs of one model, task and sample set share it; the entry exists on disk."""
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false",
+            f"paths.cache_dir={tmp_path}/cache", *FAST]
+    a = run([*base, "constraint=0.4"], tmp_path / "a")
+    b = run([*base, "constraint=0.6"], tmp_path / "b")
+    key = a["fisher_cache"]["key"]
+    assert key == b["fisher_cache"]["key"] and key != a["metric"]
+    assert len(key) == 16 and int(key, 16) >= 0
+    assert (tmp_path / "cache" / "fisher" / f"{key}.pt").exists()
+    assert (a["fisher_cache"]["hit"], b["fisher_cache"]["hit"]) == (False, True)
+
+
+def copy_sst2(where: Path, flip_row: int | None = None) -> Path:
+    where.mkdir(parents=True)
+    train = (SHARED / "glue" / "SST-2" / "dev.tsv").read_text().split("\n")
+    if flip_row is not None:  # one corrected label: other content, same size
+        text, label = train[flip_row].rsplit("\t", 1)
+        train[flip_row] = f"{text}\t{1 - int(label)}"
+    (where / "train.tsv").write_text("\n".join(train))
+    shutil.copy(SHARED / "glue" / "SST-2" / "dev.tsv", where / "dev.tsv")
+    return where
+
+
+def test_fisher_cache_is_keyed_on_everything_that_changes_it(tiny_checkpoints, tmp_path,
+                                                              monkeypatch):
+    data = copy_sst2(tmp_path / "data")
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false",
+            f"task.local_dir={data}", f"paths.cache_dir={tmp_path}/cache", *FAST]
+    n = iter(range(100))
+
+    def hit(*extra):
+        return run([*base, *extra], tmp_path / f"r{next(n)}")["fisher_cache"]["hit"]
+
+    assert hit() is False
+    assert hit("constraint=0.4") is True  # another constraint: the same Fisher
+    assert hit("seed=1") is False
+    assert hit("prune.num_samples=48") is False
+    assert hit("prune.sampling=official") is False
+    assert hit("prune.batch_size=8") is False
+    assert hit("task.max_seq_length=32") is False
+    assert hit("prune.importance=fisher_unlabeled") is False
+    # the same data at another place: a hit; corrected data at the same place: a miss
+    moved = copy_sst2(tmp_path / "moved")
+    assert hit(f"task.local_dir={moved}") is True
+    copy_sst2(tmp_path / "fixed", flip_row=5)
+    assert hit(f"task.local_dir={tmp_path / 'fixed'}") is False
+    # another label mapping of the same file
+    assert hit("task.label_values=[1,0]") is False
+    # the device and the dtype the gradients are taken in
+    monkeypatch.setattr("experiments.runner.autocast_dtype", lambda d, a: torch.bfloat16)
+    assert hit() is False
+    monkeypatch.undo()
+    monkeypatch.setattr("experiments.runner.run_identity", on_another_device)
+    assert hit() is False
+    monkeypatch.undo()
+    # a new version of the Fisher stage
+    monkeypatch.setattr("experiments.runner.FISHER_VERSION", 999)
+    assert hit() is False
+
+
+def on_another_device(*args):
+    """``run_identity`` as it would be on a GPU (the run itself stays on the CPU)."""
+    return {**REAL_IDENTITY(*args), "device": "NVIDIA GPU X"}
+
+
+from experiments.runner import run_identity as REAL_IDENTITY  # noqa: E402
+
+
+def test_finished_runs_are_rerun_when_an_input_changes(tiny_checkpoints, tmp_path, monkeypatch):
+    """A finished run directory is skipped only for the same settings, data, checkpoint,
+    device and code; anything else re-runs it, keeping the old record beside it."""
+    data = copy_sst2(tmp_path / "data")
+    out = tmp_path / "run"
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false",
+            f"task.local_dir={data}", *FAST]
+    first = run(base, out)
+    assert run([*base, "progress=true"], out) == first  # reporting only: skipped
+    copy_sst2(tmp_path / "fixed", flip_row=5)
+    again = run([*base, f"task.local_dir={tmp_path / 'fixed'}"], out)
+    assert again["identity"]["data"] != first["identity"]["data"]
+    assert len(list(out.glob("results.stale-*.json"))) == 1
+    base = [*base, f"task.local_dir={tmp_path / 'fixed'}"]
+    monkeypatch.setattr("experiments.runner.RESULTS_VERSION", 99)
+    assert run(base, out)["identity"]["code"]["results"] == 99
+    monkeypatch.setattr("experiments.runner.run_identity", on_another_device)
+    assert run(base, out)["identity"]["device"] == "NVIDIA GPU X"
+    assert len(list(out.glob("results.stale-*.json"))) == 3
 
 
 def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpoints, tmp_path):
-    """A finished run is skipped only if it was made with the same settings; a result of other
-    settings (say, a changed default) is re-run and the old file kept beside it, not lost."""
     base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false", *FAST]
     first = run(base, tmp_path)
-    assert run([*base, "progress=true"], tmp_path) == first  # reporting only: skipped
     again = run([*base, "prune.tune_damp=0.05"], tmp_path)
     assert again["config"]["prune"]["tune_damp"] == 0.05
     stale = list(tmp_path.glob("results.stale-*.json"))
     assert len(stale) == 1 and json.loads(stale[0].read_text()) == first
+
+
+def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(tiny_checkpoints,
+                                                                          tmp_path):
+    base = [f"model.path={tiny_checkpoints['cls2']}", f"paths.cache_dir={tmp_path}/cache",
+            *FAST]
+    family = run([*base, "constraint=[0.4,0.6]"], tmp_path / "family")
+    assert [r["constraint"] for r in family] == [0.4, 0.6]
+    assert (tmp_path / "family" / "family.png").exists()
+    summary = json.loads((tmp_path / "family" / "family.json").read_text())
+    assert [r["constraint"] for r in summary["runs"]] == [0.4, 0.6]
+    for record in family:
+        path = tmp_path / "family" / f"c{record['constraint']:g}"
+        assert json.loads((path / "results.json").read_text())["pruned"] == record["pruned"]
+        assert (path / "pruned_model" / "config.json").exists()
+        single = run([*base, f"constraint={record['constraint']}"], tmp_path /
+                     f"single{record['constraint']}")
+        assert single["fisher_cache"]["hit"] is True  # the family's Fisher
+        assert single["masks"] == record["masks"] and single["pruned"] == record["pruned"]
+        a = torch.load(path / "masks.pt")["final"]
+        b = torch.load(tmp_path / f"single{record['constraint']}" / "masks.pt")["final"]
+        assert torch.equal(a["head"], b["head"]) and torch.equal(a["neuron"], b["neuron"])
+    # re-running the family skips both finished constraints
+    assert run([*base, "constraint=[0.4,0.6]"], tmp_path / "family") == family
+
+
+def test_demo_fine_tune_cache_is_keyed_on_weights_and_data(tmp_path):
+    from experiments.data import TaskSpec
+    from experiments.finetune import FinetuneConfig, finetune_key
+
+    data = copy_sst2(tmp_path / "data")
+    spec = TaskSpec(name="sst2", kind="classification", num_labels=2, metric="accuracy",
+                    text_columns=("sentence",), label_column="label", local_dir=str(data))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"weights-1")
+    key = finetune_key(str(base), spec, FinetuneConfig())
+    (base / "model.safetensors").write_bytes(b"weights-2")
+    assert finetune_key(str(base), spec, FinetuneConfig()) != key
+    (base / "model.safetensors").write_bytes(b"weights-1")
+    assert finetune_key(str(base), spec, FinetuneConfig()) == key
+    copy_sst2(tmp_path / "fixed", flip_row=3)
+    fixed = TaskSpec(**{**spec.__dict__, "local_dir": str(tmp_path / "fixed")})
+    assert finetune_key(str(base), fixed, FinetuneConfig()) != key
+    assert finetune_key(str(base), spec, FinetuneConfig(epochs=2)) != key

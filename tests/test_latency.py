@@ -1,5 +1,5 @@
-"""Latency: measurement, the lookup table and its cache, the latency-constrained search, and
-offline W&B logging."""
+"""Latency: measurement, the lookup table and its cache key, the latency cost model, a
+latency-constrained run, and offline W&B logging."""
 
 import json
 
@@ -9,82 +9,92 @@ import torch
 from conftest import tiny_model
 from test_run import FAST, run
 
-from prune import PruneError, get_adapter
+from experiments.caches import cached_latency_table, latency_table_key
+from experiments.errors import RunError
+from prune import get_adapter
 from prune.latency import (
     LatencyTable,
     build_latency_table,
-    cached_latency_table,
     fit_piecewise,
+    latency_cost,
     measure_latency,
 )
-from prune.search import search_masks
-
-
-def fake_table(L=3, H=4, N=16) -> LatencyTable:
-    """Attention flat up to 2 heads then linear; FFN linear; in milliseconds-ish units."""
-    heads = list(range(1, H + 1))
-    neurons = [4, 8, 12, 16]
-    return LatencyTable(heads, [2.0, 2.0, 3.0, 4.0], neurons, [1.0, 2.0, 3.0, 4.0],
-                        layer_base=0.5, fixed=1.0, full=0.0, key={"fake": True})
 
 
 def test_piecewise_fit_recovers_flat_then_linear():
     x = np.arange(1, 13, dtype=float)
     y = np.maximum(5.0, 1.0 * x + 1.0)  # flat 5 up to x = 4, then slope 1
-    t, slope, intercept = fit_piecewise(x, y)
-    assert slope == pytest.approx(1.0) and intercept == pytest.approx(1.0)
-    assert np.allclose(np.maximum(slope * t + intercept, slope * x + intercept), y)
+    curve = fit_piecewise(x, y)
+    assert curve.slope == pytest.approx(1.0) and curve.threshold == 4
+    assert curve.flat == pytest.approx(5.0)
+    assert np.allclose(curve(x), y)
+    assert curve(0) == 0.0  # no unit, no cost
 
 
-@pytest.mark.parametrize("constraint", [0.4, 0.5, 0.6, 0.8, 1.0])
-def test_latency_search_respects_the_budget_the_table_predicts(constraint):
-    table = fake_table()
-    g = torch.Generator().manual_seed(0)
-    masks = search_masks(torch.rand(3, 4, generator=g), torch.rand(3, 16, generator=g), table,
-                         constraint)
-    full = table.predict([4] * 3, [16] * 3)
-    got = table.predict(masks.heads_per_layer(), masks.neurons_per_layer())
-    assert got <= constraint * full * (1 + 1e-9)
-    assert got >= constraint * full - 4.0  # close to the budget: little is left unused
-    if constraint == 1.0:
-        assert masks.head.all() and masks.neuron.all()
+def fake_table() -> LatencyTable:
+    return LatencyTable(heads=[1, 2, 3, 4], attn=[2.0, 2.0, 3.0, 4.0], neurons=[4, 8, 12, 16],
+                        ffn=[1.0, 2.0, 3.0, 4.0], layer_base=0.5, fixed=1.0, full=0.0,
+                        num_layers=3, num_heads=4, num_neurons=16)
 
 
-def test_latency_search_rejects_an_impossible_budget():
-    with pytest.raises(PruneError, match="raise the constraint"):
-        search_masks(torch.rand(3, 4), torch.rand(3, 16), fake_table(), 0.05)
+def test_latency_cost_predicts_from_the_table():
+    cost = latency_cost(fake_table())
+    # fixed + 3 empty layers + 3 x (attention with 4 heads + FFN with 16 neurons)
+    assert cost.full == pytest.approx(1.0 + 3 * 0.5 + 3 * (4.0 + 4.0))
+    assert cost.total([0, 0, 0], [0, 0, 0]) == pytest.approx(2.5)
+    assert cost.total([1, 0, 0], [0, 0, 0]) == pytest.approx(2.5 + 2.0)  # the flat part
+    assert LatencyTable.from_dict(json.loads(json.dumps(fake_table().to_dict()))) == \
+        fake_table()
 
 
-def test_table_round_trips_from_cache(tmp_path, monkeypatch):
+def test_table_round_trips_from_cache_and_every_setting_is_in_its_key(tmp_path, monkeypatch):
     model = tiny_model("bert", layers=2)
     adapter = get_adapter(model)
-    first = cached_latency_table(model, adapter, tmp_path, batch_size=2, seq_len=8, points=3,
-                                 warmup=1, repeats=2)
+    settings = dict(batch_size=2, seq_len=8, points=3, min_run_time=0.01)
+    first = cached_latency_table(model, adapter, tmp_path, **settings)
     files = list(tmp_path.glob("latency-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["key"]["batch_size"] == 2
 
     def no_rebuild(*a, **k):
         raise AssertionError("the cached table should have been used")
 
-    monkeypatch.setattr("prune.latency.build_latency_table", no_rebuild)
-    again = cached_latency_table(model, adapter, tmp_path, batch_size=2, seq_len=8)
-    assert again == first
-    assert again.predict([4, 4], [48, 48]) == pytest.approx(first.predict([4, 4], [48, 48]))
+    monkeypatch.setattr("experiments.caches.build_latency_table", no_rebuild)
+    assert cached_latency_table(model, adapter, tmp_path, **settings) == first
+    base = latency_table_key(model, adapter, **settings)
+    changed = {
+        "batch_size": latency_table_key(model, adapter, **{**settings, "batch_size": 3}),
+        "points": latency_table_key(model, adapter, **{**settings, "points": 4}),
+        "min_run_time": latency_table_key(model, adapter, **{**settings, "min_run_time": 1}),
+    }
+    monkeypatch.setattr("experiments.caches.cpu_name", lambda: "Another CPU @ 1.0GHz")
+    changed["cpu"] = latency_table_key(model, adapter, **settings)
     monkeypatch.undo()
-    other = cached_latency_table(model, adapter, tmp_path, batch_size=3, seq_len=8, points=3,
-                                 warmup=1, repeats=2)  # another batch size: another table
-    assert other.key != first.key and len(list(tmp_path.glob("latency-*.json"))) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    changed["threads"] = latency_table_key(model, adapter, **settings)
+    monkeypatch.undo()
+    eager = tiny_model("bert", layers=2, attn="eager")
+    changed["attention"] = latency_table_key(eager, get_adapter(eager), **settings)
+    changed["dtype"] = latency_table_key(tiny_model("bert", layers=2).double(), adapter,
+                                         **settings)
+    for what, key in changed.items():
+        assert key != base, what
+    assert base["device"].startswith("cpu:") and base["device"] != "cpu:"
+    # a different setting is a different table, measured anew
+    monkeypatch.setattr("experiments.caches.build_latency_table", no_rebuild)
+    with pytest.raises(AssertionError, match="cached table"):
+        cached_latency_table(model, adapter, tmp_path, **{**settings, "min_run_time": 0.02})
 
 
 def test_measured_table_is_monotone_and_latency_is_positive():
     model = tiny_model("distilbert", layers=2, hidden=64, ffn=256)
     adapter = get_adapter(model)
-    table = build_latency_table(model, adapter, batch_size=4, seq_len=32, points=4, warmup=1,
-                                repeats=3)
-    assert np.all(np.diff(table.attn_time(np.arange(5))) >= 0)
-    assert np.all(np.diff(table.ffn_time(np.arange(257))) >= 0)
-    lat = measure_latency(model, batch_size=4, seq_len=32, warmup=1, repeats=3)
-    assert 0 < lat.p10 <= lat.median <= lat.p90
+    table = build_latency_table(model, adapter, batch_size=4, seq_len=32, points=4,
+                                min_run_time=0.02)
+    cost = latency_cost(table)
+    assert np.all(np.diff(cost.attn(np.arange(5))) >= 0)
+    assert np.all(np.diff(cost.ffn(np.arange(257))) >= 0)
+    lat = measure_latency(model, batch_size=4, seq_len=32, min_run_time=0.05)
+    assert 0 < lat.median and lat.iqr >= 0 and lat.measurements >= 1
 
 
 def test_latency_constrained_run_end_to_end(tmp_path):
@@ -96,15 +106,17 @@ def test_latency_constrained_run_end_to_end(tmp_path):
     write_tokenizer(tmp_path / "ckpt")
     record = run([f"model.path={tmp_path / 'ckpt'}", "constraint_kind=latency",
                   "constraint=0.8", "latency.table_points=4", *FAST, "latency.batch_size=16",
-                  "latency.seq_len=64", "latency.repeats=3"], tmp_path)
+                  "latency.seq_len=64"], tmp_path)
     assert record["constraint_kind"] == "latency"
-    assert record["latency"]["predicted_ratio"] <= 0.8 + 1e-9
-    assert record["latency"]["ratio"] > 0 and record["latency"]["batch_size"] == 16
+    predicted = record["latency"]["predicted_ratio"]
+    assert 0.5 < predicted <= 0.8 + 1e-9  # the budget is used, and not exceeded
+    assert record["latency"]["batch_size"] == 16
+    assert record["latency"]["pruned"]["median"] > 0 and "iqr" in record["latency"]["pruned"]
     assert "latency_table" in record["timings"]
 
 
 def test_bad_constraint_kind_stops_early(tiny_checkpoints, tmp_path):
-    with pytest.raises(PruneError, match="use flops or latency"):
+    with pytest.raises(RunError, match="use flops or latency"):
         run([f"model.path={tiny_checkpoints['cls2']}", "constraint_kind=energy", *FAST], tmp_path)
 
 

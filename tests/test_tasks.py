@@ -7,15 +7,16 @@ import torch
 from conftest import FIXTURES, write_tokenizer
 from test_run import FAST, config, run
 
-from prune import squad
-from prune.data import TaskSpec, load_examples
+from experiments import squad
+from experiments.data import TaskSpec, load_examples
 
 GLUE_ROWS = {"cola": 6, "mrpc": 4, "qqp": 4, "mnli": 4, "qnli": 4, "rte": 4}
 
 
 def spec_of(task: str) -> TaskSpec:
-    sys_path_run = __import__("run")
-    return sys_path_run.task_spec(config([f"task={task}", f"paths.data_dir={FIXTURES}"]).task)
+    from experiments.runner import task_spec
+
+    return task_spec(config([f"task={task}", f"paths.data_dir={FIXTURES}"]).task)
 
 
 @pytest.mark.parametrize("task", sorted(GLUE_ROWS))
@@ -147,8 +148,8 @@ def test_every_task_prunes_end_to_end(tiny_checkpoints, tmp_path, task, ckpt):
 
 
 def test_qa_task_refuses_a_classification_checkpoint(tiny_checkpoints, tmp_path):
-    from prune import PruneError
+    from experiments.errors import RunError
 
-    with pytest.raises(PruneError, match="question-answering checkpoint"):
+    with pytest.raises(RunError, match="ForQuestionAnswering checkpoint"):
         run(["task=squad", f"model.path={tiny_checkpoints['cls2']}", f"paths.data_dir={FIXTURES}",
              *FAST], tmp_path)

@@ -1,0 +1,179 @@
+"""The run's configuration schema (a Hydra structured config) and its validation at the door.
+
+The ``prune`` node is built from the library's ``PruneOptions``: the same names, types and
+defaults (the one source of defaults), plus the harness's own sampling and caching options. A
+typo or a wrong type in any schema'd node fails when Hydra composes the config, with Hydra's
+message. ``validate`` then checks values (ranges, choices, combinations) before any data or
+weights are loaded, each failure one line that names the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from experiments.data import SAMPLING, TaskSpec
+from experiments.errors import RunError
+from prune import PruneError, PruneOptions
+
+
+def _schema(name: str, source: type, extra: list[tuple], drop: tuple[str, ...] = ()) -> type:
+    """A dataclass with ``source``'s fields (resolved types, same defaults) and ``extra``."""
+    hints = typing.get_type_hints(source)
+    own = []
+    for f in dataclasses.fields(source):
+        if f.name in drop:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else f.default
+        if f.default_factory is not dataclasses.MISSING:  # dicts: the yaml gives them
+            own.append((f.name, Any, field(default=None)))
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) is tuple or kind is dict:
+            kind = Any
+        elif required:
+            kind = typing.Optional[kind]
+        own.append((f.name, kind, field(default=default)))
+    return dataclasses.make_dataclass(name, own + extra)
+
+
+PruneConf = _schema("PruneConf", PruneOptions, [
+    # the harness: which samples, how many, in what batches, the cost model's length, caches
+    ("num_samples", Any, field(default=2048)),  # an int, or "auto" (stop once masks settle)
+    ("sampling", str, field(default="without")),  # without | with | official
+    ("batch_size", typing.Optional[int], field(default=None)),  # null: the task's (32; QA 12)
+    ("seq_len", Any, field(default=None)),  # null: dev-set mean; "official": task constant
+    ("sample_file", typing.Optional[str], field(default=None)),  # unlabeled text, one per line
+    ("adaptive_chunk", int, field(default=256)),  # num_samples=auto: samples per check
+    ("adaptive_tolerance", float, field(default=0.01)),  # ... stop when masks change less
+    ("fisher_cache_dir", typing.Optional[str], field(default=None)),
+], drop=("constraint",))
+
+TaskConf = _schema("TaskConf", TaskSpec, [])
+
+
+@dataclass
+class LatencyConf:
+    enabled: bool = True
+    batch_size: int = 32
+    seq_len: int = 128
+    min_run_time: float = 5.0  # seconds of timed forward passes per measurement
+    table_points: int = 8  # grid points per curve of the latency lookup table
+    table_min_run_time: float = 0.5  # seconds per grid point
+
+
+@dataclass
+class EvalConf:
+    batch_size: int = 128
+    max_samples: typing.Optional[int] = None  # a seeded subset (null: the whole dev set)
+
+
+@dataclass
+class RunConf:
+    constraint: Any = 0.6  # a fraction in (0, 1], or a list of them (one Fisher pass for all)
+    constraint_kind: str = "flops"  # flops | latency
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    save_model: bool = True
+    force: bool = False
+    sweep_name: str = "adhoc"
+    prune: PruneConf = field(default_factory=PruneConf)
+    task: TaskConf = field(default_factory=TaskConf)
+    latency: LatencyConf = field(default_factory=LatencyConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    model: Any = None
+    paths: Any = None
+    logger: Any = None
+    preset: Any = None
+
+
+def register() -> None:
+    """Make the schema known to Hydra as ``base_config`` (``conf/config.yaml`` extends it)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConf)
+
+
+def constraints_of(value) -> list[float]:
+    """The constraint(s) of a run: one number or a list, each in (0, 1]."""
+    values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
+        not isinstance(value, str) else [value]
+    if not values:
+        raise RunError("constraint=[]: give at least one fraction in (0, 1]")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RunError(f"constraint={v!r}: use a number in (0, 1] (the fraction of the "
+                           f"cost kept), or a list such as constraint=[0.4,0.5,0.6]")
+        if not 0 < float(v) <= 1:
+            raise RunError(f"constraint={v} is outside (0, 1]: it is the fraction of the cost "
+                           f"kept, e.g. constraint=0.6 keeps 60%")
+        out.append(float(v))
+    if len(set(out)) != len(out):
+        raise RunError(f"constraint={out}: a constraint is listed twice")
+    return out
+
+
+def prune_options(prune_cfg, constraint: float) -> PruneOptions:
+    """The library options of one constraint; bad values stop here with one line."""
+    values = {k: prune_cfg[k] for k in PruneOptions.defaults()}
+    try:
+        return PruneOptions(constraint=constraint, **values)
+    except PruneError as err:
+        raise RunError(f"prune.{err}") from None
+
+
+def _positive(name: str, value, zero: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    low_ok = value >= 0 if zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok:
+        what = "a number >= 0" if zero else "a positive number"
+        raise RunError(f"{name}={value!r}: use {what}" + (" or null" if allow_none else ""))
+
+
+def validate(cfg) -> list[float]:
+    """Check every option that needs no data or weights; return the constraints."""
+    constraints = constraints_of(cfg.constraint)
+    if cfg.constraint_kind not in ("flops", "latency"):
+        raise RunError(f"constraint_kind={cfg.constraint_kind!r}: use flops or latency")
+    for c in constraints:
+        prune_options(cfg.prune, c)
+    p = cfg.prune
+    n = p.num_samples
+    if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
+        raise RunError(f"prune.num_samples={n!r}: use a positive number of samples, or auto")
+    if p.sampling not in SAMPLING:
+        raise RunError(f"prune.sampling={p.sampling!r}: use one of {', '.join(SAMPLING)}")
+    _positive("prune.batch_size", p.batch_size, allow_none=True)
+    _positive("prune.adaptive_chunk", p.adaptive_chunk)
+    _positive("prune.adaptive_tolerance", p.adaptive_tolerance)
+    if p.seq_len is not None and p.seq_len != "official":
+        if isinstance(p.seq_len, bool) or not isinstance(p.seq_len, (int, float)) or \
+                p.seq_len <= 0:
+            raise RunError(f"prune.seq_len={p.seq_len!r}: use a positive length, official (the "
+                           f"task's constant) or null (the dev set's mean)")
+    if p.seq_len == "official" and cfg.task.official_seq_len is None:
+        raise RunError(f"prune.seq_len=official: task {cfg.task.name} has no official length; "
+                       f"set task.official_seq_len or use null")
+    if p.sample_file and p.importance != "fisher_unlabeled":
+        raise RunError("prune.sample_file is unlabeled text: use it with "
+                       "prune.importance=fisher_unlabeled")
+    _positive("eval.batch_size", cfg.eval.batch_size)
+    _positive("eval.max_samples", cfg.eval.max_samples, allow_none=True)
+    lat = cfg.latency
+    for name in ("batch_size", "seq_len", "min_run_time", "table_min_run_time"):
+        _positive(f"latency.{name}", lat[name])
+    if lat.table_points < 2:
+        raise RunError(f"latency.table_points={lat.table_points}: use at least 2")
+    if cfg.logger.kind not in ("none", "wandb"):
+        raise RunError(f"logger.kind={cfg.logger.kind!r}: use logger=none or logger=wandb")
+    return constraints
+
+
+register()
