@@ -1,87 +1,446 @@
-"""Tables and figures from fixture results; the notebook runs headless on the same results."""
+"""Tables and figures from fixture results; the notebook runs headless on the same results.
 
+Fixture records have the runner's format (``experiments.runner.prune_one``): the resolved
+config, its identity (settings without neutral keys, data and checkpoint digests, device, code
+versions, constraint) and the seed. ``legacy`` makes one of the older format (no identity)."""
+
+import dataclasses
 import json
 import os
 
 import pytest
+import yaml
 from conftest import ROOT
 
+OFFICIAL = yaml.safe_load((ROOT / "conf" / "preset" / "official.yaml").read_text())["prune"]
 
-def record(model="minilm", task="sst2", constraint=0.6, stage=("r", "t", "full"), seed=0,
-           baseline=0.9, pruned=0.88, hit=False):
-    rearrange, tune, teacher = stage[0] == "r", stage[1] == "t", stage[2]
+
+def record(model="minilm", task="sst2", constraint=0.6, seed=0, pruned=0.88, baseline=0.9,
+           prune=None, kind="flops", preset="none", sweep="adhoc", checkpoint="c0", data="d0",
+           latency=None, max_samples=None, fisher=None, t_tune=20.0, device="cpu"):
+    """A record as the runner writes it: ``prune`` overrides the schema's prune defaults,
+    ``latency`` is the measured ratio (``None``: not measured), ``fisher`` the cache info."""
+    from experiments.config import PruneConf
+    from experiments.runner import settings_of
+
+    prune_cfg = {f.name: f.default for f in dataclasses.fields(PruneConf)}
+    prune_cfg.update(fisher_cache_dir="/cache/fisher", **(OFFICIAL if preset == "official"
+                                                          else {}), **(prune or {}))
+    config = {
+        "constraint": constraint, "constraint_kind": kind, "seed": seed, "device": "auto",
+        "progress": False, "save_model": True, "force": False, "sweep_name": sweep,
+        "prune": prune_cfg,
+        "task": {"name": task, "metric": "accuracy", "local_dir": "/data/glue/SST-2",
+                 "max_seq_length": 64},
+        "latency": {"enabled": latency is not None, "batch_size": 32, "seq_len": 128},
+        "eval": {"batch_size": 128, "max_samples": max_samples},
+        "model": {"name": model, "path": None, "pretrained": "pkg:x"},
+        "paths": {"root_dir": "/work"}, "logger": {"kind": "none"}, "preset": preset,
+    }
+    identity = {"settings": settings_of(config),
+                "data": {"train": {"file": "train.tsv", "sha256": data}},
+                "checkpoint": {"files": {"model.safetensors": checkpoint}}, "device": device,
+                "code": {"prune": "0.2.0", "fisher": 3, "results": 2}, "constraint": constraint}
     return {
-        "model": model, "task": task, "constraint": constraint, "seed": seed,
-        "num_samples": 2048, "metric": "accuracy",
+        "model": model, "task": task, "constraint": constraint, "constraint_kind": kind,
+        "seed": seed, "device": "cpu", "num_samples": 2048, "metric": "accuracy",
+        "baseline": {"accuracy": baseline}, "pruned": {"accuracy": pruned},
+        "drop": 100 * (baseline - pruned),
+        "flops": {"baseline": 1.0, "pruned": constraint, "ratio": constraint},
+        "latency": None if latency is None else {"ratio": latency},
+        "masks": {"heads_kept": 50, "neurons_kept": 4000},
+        "timings": {"fisher": 30.0, "search": 0.01, "rearrange": 0.5, "tune": t_tune,
+                    "physical": 0.1, "pruning_total": 50.6},
+        "fisher_cache": fisher or {"key": "k", "hit": False, "seconds": 30.0, "samples": 2048},
+        "config": config, "identity": identity,
+    }
+
+
+def legacy(constraint=0.6, stage=("r", "t", "full"), seed=0, baseline=0.9, pruned=0.88,
+           hit=False, num_samples=2048, tune_samples="unset"):
+    """A record of the older format: no identity, a partial config, ``tune`` a bool."""
+    rearrange, tune, teacher = stage[0] == "r", stage[1] == "t", stage[2]
+    prune = {"rearrange": rearrange, "tune": tune, "tune_teacher": teacher}
+    if tune_samples != "unset":
+        prune["tune_samples"] = tune_samples
+    return {
+        "model": "minilm", "task": "sst2", "constraint": constraint, "seed": seed,
+        "num_samples": num_samples, "metric": "accuracy",
         "baseline": {"accuracy": baseline}, "pruned": {"accuracy": pruned},
         "drop": 100 * (baseline - pruned),
         "flops": {"baseline": 1.0, "pruned": constraint, "ratio": constraint},
         "masks": {"heads_kept": 50, "neurons_kept": 4000},
         "timings": {"fisher": 30.0, "search": 0.01, "rearrange": 0.5, "tune": 20.0,
                     "physical": 0.1, "pruning_total": 50.6},
-        "fisher_cache": {"key": "k", "hit": hit},
-        "config": {"prune": {"rearrange": rearrange, "tune": tune, "tune_teacher": teacher}},
+        "fisher_cache": {"key": "k", "hit": hit}, "config": {"prune": prune},
     }
+
+
+def write(root, runs: dict, mtime: float | None = None):
+    for name, r in runs.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        path = root / name / "results.json"
+        path.write_text(json.dumps(r))
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+    return root
+
+
+def seeds(values, **kw) -> dict:
+    """One record per seed, the pruned metric of seed ``i`` is ``values[i]``."""
+    return {i: record(seed=i, pruned=v, **kw) for i, v in enumerate(values)}
+
+
+def runs_of(**named) -> dict:
+    """``name=[records]`` -> ``{"name-i": record}``."""
+    return {f"{name}-{i}": r for name, rs in named.items() for i, r in enumerate(rs)}
+
+
+def three(pruned, **kw) -> list:
+    """Three seeds around ``pruned`` (fractions): -0.01, 0, +0.01."""
+    return [record(seed=s, pruned=pruned + d, **kw) for s, d in enumerate((-0.01, 0, 0.01))]
 
 
 @pytest.fixture
 def results(tmp_path):
-    runs = {
-        "a": record(constraint=0.4, pruned=0.80),
-        "b": record(constraint=0.6, pruned=0.86),
-        "c": record(constraint=0.6, stage=("-", "-", "full"), pruned=0.70, hit=True),
-        "d": record(constraint=0.6, stage=("r", "-", "full"), pruned=0.75, hit=True),
-        "e": record(constraint=0.6, stage=("r", "t", "ta"), pruned=0.85, hit=True),
-        "f": record(model="bert-base", task="mnli", constraint=0.6, baseline=0.8453,
-                    pruned=0.83),
-    }
-    for name, r in runs.items():
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        (tmp_path / "runs" / name / "results.json").write_text(json.dumps(r))
-    return tmp_path / "runs"
+    """The demo's sweeps in small: the default pipeline at two constraints and a second model
+    (3 seeds each), the ablation stages at 0.6, and a damping variant."""
+    runs = runs_of(
+        d4=three(0.80, constraint=0.4), d6=three(0.86),
+        search=three(0.70, prune={"rearrange": False, "tune": "off"}),
+        rearr=three(0.75, prune={"tune": "off"}),
+        ta=three(0.855, prune={"tune_teacher": "ta"}),
+        damp=three(0.50, prune={"tune_damp": 0.0}),
+        bert=three(0.83, model="bert-base", task="mnli", baseline=0.8453),
+    )
+    return write(tmp_path / "runs", runs)
 
 
-def test_main_and_ablation_tables_have_the_expected_cells(results):
+@pytest.mark.parametrize("change", [
+    {"prune": {"tune_damp": 0.0}}, {"prune": {"sampling": "official"}},
+    {"prune": {"seq_len": "official"}}, {"prune": {"amp": "off"}},
+    {"prune": {"rearrange_sweeps": 2}}, {"checkpoint": "c1"}, {"data": "d1"},
+    {"device": "NVIDIA A100"}, {"max_samples": 500}])
+def test_runs_differing_in_one_input_stay_two_rows(tmp_path, change):
+    from analysis.collect import collect, summarize
+
+    write(tmp_path, {"a": record(pruned=0.86), "b": record(pruned=0.80, **change)})
+    runs = collect(tmp_path)
+    assert len(runs) == 2 and runs["setting"].nunique() == 2
+    summary = summarize(runs)
+    assert sorted(summary["pruned_mean"]) == pytest.approx([80.0, 86.0])
+    labels = summary[["variant", "detail"]].apply(tuple, axis=1)
+    assert labels.nunique() == 2  # told apart by the variant, or by the detail
+    if "prune" in change or "max_samples" in change:
+        assert "default" in set(summary["variant"])
+        assert summary["detail"].eq("").all()
+    else:  # same labels, other inputs: the detail names them
+        assert set(summary["variant"]) == {"default"}
+        assert summary["detail"].str.startswith(next(iter(change)) + "=").all()
+
+
+def test_variant_labels_name_the_departures_from_the_defaults(tmp_path):
     from analysis.collect import collect
-    from analysis.tables import ablation_table, main_table, paper_results, to_latex
 
-    df = collect(results)
-    assert len(df) == 6
-    main = main_table(df, paper_results())
-    assert main.loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
-    assert main.loc[("minilm", "sst2", "accuracy"), "ours @0.4"] == pytest.approx(80.0)
-    assert main.loc[("minilm", "sst2", "accuracy"), "baseline"] == pytest.approx(90.0)
-    # the published number sits beside ours for the same model, task and constraint
-    assert main.loc[("bert-base", "mnli", "accuracy"), "paper @0.6"] == pytest.approx(82.25)
-    ablation = ablation_table(df)
+    write(tmp_path, {"damp": record(prune={"tune_damp": 1e-4}),
+                     "two": record(prune={"sampling": "official", "tune_samples": None}),
+                     "max": record(max_samples=500),
+                     "official": record(preset="official"),
+                     "official_damp": record(preset="official", prune={"tune_damp": 0.0}),
+                     "stage": record(prune={"rearrange": False, "tune": "off"})})
+    runs = collect(tmp_path)
+    got = {path.rsplit("/", 1)[-1]: (stage, variant)
+           for path, stage, variant in runs[["path", "stage", "variant"]].values}
+    assert got == {"damp": ("+mask", "tune_damp=0.0001"),
+                   "two": ("+mask", "tune_samples=null,sampling=official"),
+                   "max": ("+mask", "eval.max_samples=500"),
+                   "official": ("+mask (TA)", "official"),
+                   "official_damp": ("+mask (TA)", "official,tune_damp=0"),
+                   "stage": ("search", "default")}
+
+
+def test_seeds_of_one_setting_are_averaged(tmp_path):
+    from analysis.collect import collect, summarize
+    from analysis.tables import main_table
+
+    write(tmp_path, runs_of(s=[record(seed=s, pruned=p)
+                               for s, p in enumerate((0.85, 0.86, 0.88))]))
+    runs = collect(tmp_path)
+    assert len(runs) == 3 and runs["setting"].nunique() == 1
+    row = summarize(runs).iloc[0]
+    assert (row["pruned_mean"], row["pruned_std"], row["pruned_n"]) == \
+        pytest.approx((86.3333, 1.5275, 3), abs=1e-4)
+    assert row["seeds"] == "0,1,2"
+    assert main_table(runs).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == "86.33 ± 1.53"
+
+
+def test_an_exact_repeat_counts_once_and_the_newest_file_wins(tmp_path):
+    from analysis.collect import collect
+
+    # "a" sorts first but is the newer file: the modification time decides
+    write(tmp_path, {"b": record(pruned=0.80)}, mtime=1_000_000)
+    write(tmp_path, {"a": record(pruned=0.87)}, mtime=2_000_000)
+    write(tmp_path, {"other_seed": record(seed=1, pruned=0.85)})
+    runs = collect(tmp_path)
+    first = runs[runs["seed"] == 0]
+    assert len(runs) == 2 and len(first) == 1
+    assert first["pruned"].iloc[0] == pytest.approx(87.0)
+    assert first["repeats"].iloc[0] == 2
+
+
+def test_the_no_difference_rule():
+    from analysis.stats import Stat, difference, same
+
+    ref = Stat(86.0, 0.5, 3)
+    assert difference(ref, Stat(86.4, 0.3, 3)) == "no difference (+0.40)"
+    assert difference(ref, Stat(85.5, 0.1, 3)) == "no difference (-0.50)"  # |Δ| == larger std
+    assert difference(ref, Stat(87.0, 0.3, 3)) == "+1.00"
+    assert difference(ref, Stat(85.2, 0.5, 3)) == "-0.80"
+    assert same(Stat(80.0, float("nan"), 1), Stat(90.0, float("nan"), 1))  # one seed each
+    assert not same(Stat(80.0, float("nan"), 1), Stat(80.5, 0.2, 3))
+    assert difference(ref, Stat(float("nan"), float("nan"), 0)) == "--"
+    assert Stat(86.0, 0.5, 3).fmt() == "86.00 ± 0.50"
+    assert Stat(86.0, 0.5, 2).fmt() == "86.00 ± 0.50 (n=2)"
+    assert Stat(86.0, float("nan"), 1).fmt() == "86.00 (n=1)"
+
+
+def test_main_table_takes_only_the_default_pipeline_under_flops(results):
+    from analysis.collect import collect
+    from analysis.tables import main_table, paper_results
+
+    extra = runs_of(latency=three(0.40, kind="latency", latency=0.6),
+                    official=three(0.40, preset="official"),
+                    samples=three(0.40, prune={"num_samples": 256}),
+                    bias=three(0.40, prune={"tune": "bias"}))
+    runs = collect(write(results, extra))
+    main = main_table(runs, paper_results())
+    assert list(main.index) == [("bert-base", "mnli", "accuracy"), ("minilm", "sst2", "accuracy")]
+    row = main.loc[("minilm", "sst2", "accuracy")]
+    assert (row["baseline"], row["ours @0.4"], row["ours @0.6"]) == \
+        ("90.00", "80.00 ± 1.00", "86.00 ± 1.00")
+    # the published number sits beside ours for the same model, task, metric and constraint
+    assert main.loc[("bert-base", "mnli", "accuracy"), "paper @0.6"] == "82.25"
+    assert main.loc[("minilm", "sst2", "accuracy"), "paper @0.6"] == "--"
+    assert main.loc[("bert-base", "mnli", "accuracy"), "ours @0.4"] == "--"
+
+
+def test_same_labels_other_checkpoint_are_two_rows_of_the_main_table(results):
+    from analysis.collect import collect
+    from analysis.tables import main_table
+
+    runs = collect(write(results, runs_of(ck=three(0.70, checkpoint="c9"))))
+    main = main_table(runs).loc[("minilm", "sst2", "accuracy")]
+    assert len(main) == 2
+    assert sorted(main["ours @0.6"]) == ["70.00 ± 1.00", "86.00 ± 1.00"]
+    assert main.index.str.startswith("checkpoint=").all()
+
+
+def test_ablation_table_and_steps(results):
+    from analysis.collect import collect
+    from analysis.tables import ablation_steps, ablation_table, to_latex, to_markdown
+
+    runs = collect(write(results, runs_of(bias=three(0.862, prune={"tune": "bias"}))))
+    ablation = ablation_table(runs)
+    assert list(ablation.columns) == ["search", "+rearrange", "+mask", "+mask (TA)", "+bias"]
     row = ablation.loc[("minilm", "sst2", 0.6)]
-    assert list(ablation.columns) == ["search", "+rearrange", "+tune", "+tune (TA)"]
-    assert (row["search"], row["+rearrange"], row["+tune"], row["+tune (TA)"]) == \
-        pytest.approx((70.0, 75.0, 86.0, 85.0))
-    assert "86.00" in to_latex(main)
+    assert list(row) == ["70.00 ± 1.00", "75.00 ± 1.00", "86.00 ± 1.00", "85.50 ± 1.00",
+                         "86.20 ± 1.00"]
+    # only +mask ran at 0.4, and for bert-base: no comparison, no ablation row
+    assert list(ablation.index) == [("minilm", "sst2", 0.6)]
+    steps = ablation_steps(runs).loc[("minilm", "sst2", 0.6)]
+    assert dict(steps) == {"+rearrange vs search": "+5.00", "+mask vs +rearrange": "+11.00",
+                           "+mask (TA) vs +mask": "no difference (-0.50)",
+                           "+bias vs +mask": "no difference (+0.20)"}
+    assert "86.00 $\\pm$ 1.00" in to_latex(ablation)
+    lines = [[c.strip() for c in line.split("|")[1:-1]]
+             for line in to_markdown(ablation).splitlines() if line.startswith("|")]
+    assert lines[0] == ["model", "task", "constraint", *ablation.columns]
+    assert ["minilm", "sst2", "0.6", *row] in lines
 
 
-def test_a_repeated_run_is_counted_once(results):
+def departures(root):
+    """The departures sweep at 0.4 and 0.6, with an ablation run identical to its default
+    (an exact repeat of another sweep counts once but keeps both sweep names)."""
+    sweep = {"sweep": "departures_cpu"}
+    runs = {}
+    for c, base in ((0.4, 0.80), (0.6, 0.86)):
+        runs.update(runs_of(**{
+            f"default{c}": three(base, constraint=c, **sweep),
+            f"damp{c}": three(base - 0.002, constraint=c, prune={"tune_damp": 0.0}, **sweep),
+            f"stop{c}": three(base - 0.05, constraint=c, prune={"tune_on_failure": "stop"},
+                              **sweep),
+            f"teacher{c}": three(base + 0.03, constraint=c, prune={"tune_teacher": "ta"},
+                                 **sweep),
+            f"tune_samples{c}": three(base, constraint=c, prune={"tune_samples": None},
+                                      t_tune=80.0, **sweep),
+            f"official{c}": three(base - 0.02, constraint=c, preset="official", **sweep)}))
+    runs["ablation"] = record(constraint=0.6, pruned=0.85, sweep="ablation_cpu")
+    runs["elsewhere"] = record(constraint=0.6, pruned=0.10, prune={"tune_damp": 0.5})
+    return write(root, runs)
+
+
+def test_departures_table(tmp_path):
     from analysis.collect import collect
+    from analysis.studies import departures_table
 
-    (results / "b2").mkdir()
-    (results / "b2" / "results.json").write_text(json.dumps(record(constraint=0.6, pruned=0.87)))
-    df = collect(results)
-    assert len(df) == 6
-    sel = df[(df["stage"] == "+tune") & (df["constraint"] == 0.6) & (df["model"] == "minilm")]
-    assert sel["pruned"].tolist() == [pytest.approx(87.0)]  # the newest file wins
+    runs = collect(departures(tmp_path))
+    assert (runs["sweeps"] == "ablation_cpu,departures_cpu").sum() == 1
+    table = departures_table(runs)
+    keys = [k[2:] for k in table.index]
+    assert keys[0] == ("default", "+mask")  # the reference first
+    assert set(keys) == {("default", "+mask"), ("tune_damp=0", "+mask"),
+                         ("tune_on_failure=stop", "+mask"), ("default", "+mask (TA)"),
+                         ("tune_samples=null", "+mask"), ("official", "+mask (TA)")}
+    t = table.droplevel(["model", "task"])
+    assert t.loc[("default", "+mask"), "@0.6"] == "86.00 ± 1.00"
+    assert t.loc[("default", "+mask"), "vs default @0.6"] == ""
+    assert t.loc[("tune_damp=0", "+mask"), "vs default @0.4"] == "no difference (-0.20)"
+    assert t.loc[("tune_on_failure=stop", "+mask"), "vs default @0.6"] == "-5.00"
+    assert t.loc[("default", "+mask (TA)"), "vs default @0.6"] == "+3.00"
+    assert t.loc[("official", "+mask (TA)"), "vs default @0.4"] == "-2.00"
+    assert t.loc[("tune_samples=null", "+mask"), "tune s"] == "80.0 ± 0.0"
+    assert t.loc[("tune_samples=null", "+mask"), "tune time / default"] == "4.00"
+
+
+def test_latency_table(tmp_path):
+    from analysis.collect import collect
+    from analysis.studies import latency_table
+
+    runs = {}
+    for c in (0.4, 0.6):
+        runs.update(runs_of(**{
+            f"lat{c}": [record(seed=s, constraint=c, kind="latency", pruned=c + 0.2 + d,
+                               latency=c + d) for s, d in enumerate((-0.01, 0, 0.01))],
+            f"flops{c}": [record(seed=s, constraint=c, pruned=c + 0.25, latency=c + 0.1)
+                          for s in range(3)],
+            f"unmeasured{c}": three(0.3, constraint=c)}))
+    table = latency_table(collect(write(tmp_path, runs)))
+    assert list(table.index.get_level_values("kind")) == ["flops", "flops", "latency",
+                                                          "latency"]
+    row = table.loc[("minilm", "sst2", "latency", 0.4)]
+    assert (row["pruned"], row["latency ratio"], row["FLOPs kept"]) == \
+        ("60.00 ± 1.00", "0.400 ± 0.010", "0.400 ± 0.000")
+    assert table.loc[("minilm", "sst2", "flops", 0.6), "latency ratio"] == "0.700 ± 0.000"
+
+
+def test_unlabeled_table(tmp_path):
+    from analysis.collect import collect
+    from analysis.studies import unlabeled_table
+
+    unlabeled = {"importance": "fisher_unlabeled"}
+    runs = runs_of(l4=three(0.80, constraint=0.4), u4=three(0.795, constraint=0.4,
+                                                           prune=unlabeled),
+                   l6=three(0.86), u6=three(0.80, prune=unlabeled),
+                   other=three(0.5, prune={"tune_damp": 0.0}))
+    table = unlabeled_table(collect(write(tmp_path, runs)))
+    assert list(table.index) == [("minilm", "sst2", "accuracy", 0.4),
+                                 ("minilm", "sst2", "accuracy", 0.6)]
+    assert list(table.loc[("minilm", "sst2", "accuracy", 0.6)]) == \
+        ["86.00 ± 1.00", "80.00 ± 1.00", "-6.00"]
+    assert table.loc[("minilm", "sst2", "accuracy", 0.4), "unlabeled vs labelled"] == \
+        "no difference (-0.50)"
+
+
+def test_adaptive_table(tmp_path):
+    from analysis.collect import collect
+    from analysis.studies import adaptive_table
+
+    auto = {"num_samples": "auto"}
+    runs = {}
+    for s, (samples, secs) in enumerate(((768, 40.0), (1024, 50.0), (1280, 60.0))):
+        fisher = {"key": f"auto{s}", "hit": False, "seconds": secs, "samples": samples,
+                  "adaptive": {"samples": samples, "reason": "settled"}}
+        hit = {"key": f"full{s}", "hit": True, "seconds": 0.1, "samples": 2048}
+        for c in (0.4, 0.6):
+            runs[f"auto{s}-{c}"] = record(seed=s, constraint=c, prune=auto, fisher=fisher,
+                                          pruned=0.80 if c == 0.4 else 0.85 + 0.01 * s)
+            runs[f"full{s}-{c}"] = record(seed=s, constraint=c, fisher=hit,
+                                          pruned=0.80 if c == 0.4 else 0.87 + 0.01 * s)
+        # the 2048-sample Fisher of this seed was computed (and cached) by another sweep's run
+        runs[f"search{s}"] = record(seed=s, prune={"rearrange": False, "tune": "off"},
+                                    fisher={**hit, "hit": False, "seconds": 90.0 + 10 * s})
+    table = adaptive_table(collect(write(tmp_path, runs)))
+    row = table.loc[("minilm", "sst2", "accuracy", 0.6)]
+    assert row["samples (auto)"] == "1024 ± 256"
+    assert row["samples (2048)"] == "2048 ± 0"
+    assert (row["Fisher s (auto)"], row["Fisher s (2048)"]) == ("50.0 ± 10.0", "100.0 ± 10.0")
+    assert row["Fisher time auto / 2048"] == "0.50"
+    assert (row["pruned (auto)"], row["pruned (2048)"]) == ("86.00 ± 1.00", "88.00 ± 1.00")
+    assert row["auto vs 2048"] == "-2.00"
+    assert table.loc[("minilm", "sst2", "accuracy", 0.4), "auto vs 2048"] == \
+        "no difference (+0.00)"
+
+
+def test_samples_and_tune_samples_tables(tmp_path):
+    from analysis.collect import collect
+    from analysis.studies import samples_table, tune_samples_table
+
+    runs = {}
+    for n, pruned in ((256, 0.80), (2048, 0.86)):
+        for s in range(3):
+            r = record(seed=s, constraint=0.5, prune={"num_samples": n, "tune_samples": None},
+                       pruned=pruned + 0.01 * s)
+            r["num_samples"] = n
+            runs[f"n{n}-{s}"] = r
+    runs.update(runs_of(t256=three(0.84, prune={"tune_samples": 256}), t512=three(0.86),
+                        tall=three(0.861, prune={"tune_samples": None})))
+    runs_df = collect(write(tmp_path, runs))
+    samples = samples_table(runs_df)
+    # at 0.6 one count only (tuned on all 2048; 256 and 512 tuned on a subset): no row
+    assert list(samples.index) == [("minilm", "sst2", "accuracy", 0.5, 256),
+                                   ("minilm", "sst2", "accuracy", 0.5, 2048)]
+    assert list(samples.loc[("minilm", "sst2", "accuracy", 0.5, 256)]) == \
+        ["81.00 ± 1.00", "-6.00"]
+    tune = tune_samples_table(runs_df).loc[("minilm", "sst2", "accuracy", 0.6)]
+    assert dict(tune) == {"256": "84.00 ± 1.00", "512 (default)": "86.00 ± 1.00",
+                          "all (2048)": "86.10 ± 1.00", "256 vs 512": "-2.00",
+                          "all (2048) vs 512": "no difference (+0.10)"}
+
+
+def test_older_records_without_identity_still_load(tmp_path):
+    from analysis.collect import collect
+    from analysis.tables import ablation_table, main_table
+
+    write(tmp_path, {
+        "a": legacy(pruned=0.86, tune_samples=512),
+        "b": legacy(stage=("-", "-", "full"), pruned=0.70, hit=True, tune_samples=512),
+        "c": legacy(stage=("r", "t", "ta"), pruned=0.85, tune_samples=512),
+        "all": legacy(pruned=0.84),  # before tune_samples existed: tuned on all samples
+        "small": legacy(pruned=0.60, num_samples=256, tune_samples=512),
+        "s1": legacy(seed=1, pruned=0.88, tune_samples=512)}, mtime=1_000_000)
+    write(tmp_path, {"a2": legacy(pruned=0.87, tune_samples=512)}, mtime=2_000_000)
+    runs = collect(tmp_path)
+    assert len(runs) == 6  # a2 repeats a: newest wins
+    got = {tuple(r) for r in runs[["stage", "variant", "seed", "pruned"]].values}
+    assert got == {("+mask", "default", 0, 87.0), ("+mask", "default", 1, 88.0),
+                   ("search", "default", 0, 70.0), ("+mask (TA)", "default", 0, 85.0),
+                   ("+mask", "tune_samples=null", 0, 84.0),
+                   ("+mask", "num_samples=256", 0, 60.0)}
+    assert main_table(runs).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == \
+        "87.50 ± 0.71 (n=2)"
+    assert ablation_table(runs).loc[("minilm", "sst2", 0.6), "search"] == "70.00 (n=1)"
 
 
 def test_make_all_writes_tables_and_figures(results, tmp_path):
-    from analysis.make_tables import make_all
+    from analysis.make_tables import TABLES, make_all
 
-    written = make_all([results], tmp_path / "out")
-    for name in ("main.md", "main.tex", "ablation.md", "ablation.tex", "time"):
+    written = make_all([write(results, runs_of(
+        lat=three(0.7, kind="latency", latency=0.55), fl=three(0.8, latency=0.65)))],
+        tmp_path / "out")
+    for name in [f"{t}.{ext}" for t in TABLES for ext in ("md", "tex")] + ["time", "speedup"]:
         assert written[name].exists() and written[name].stat().st_size > 0
-    assert (tmp_path / "out" / "accuracy_vs_flops_sst2.png").exists()
+    for figure in ("accuracy_vs_flops_sst2.png", "accuracy_vs_latency_sst2.png"):
+        assert (tmp_path / "out" / figure).exists()
     assert "| minilm" in written["main.md"].read_text()
+    assert "no difference" in written["ablation.md"].read_text()
+    settings = json.loads(written["settings"].read_text())
+    results_csv = written["results"].read_text().splitlines()
+    # 8 settings (the default at two constraints), 3 seeds each: one row per run
+    assert len(results_csv) == 1 + 27
+    assert len(settings) == 8
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless(results, tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -92,57 +451,12 @@ def test_notebook_runs_headless(results, tmp_path):
     os.environ["FASTPRUNE_RESULTS"] = str(results)
     os.environ["FASTPRUNE_TABLES"] = str(tmp_path / "nb")
     try:
-        NotebookClient(nb, timeout=120, kernel_name="python3",
+        NotebookClient(nb, timeout=180, kernel_name="python3",
                        resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:
         del os.environ["FASTPRUNE_RESULTS"], os.environ["FASTPRUNE_TABLES"]
     assert (tmp_path / "nb" / "main.md").exists()
     text = "".join(str(o.get("data", {}).get("text/plain", "")) for c in nb.cells
                    for o in c.get("outputs", []))
-    assert "86.0" in text
+    assert "86.00 ± 1.00" in text and "no difference" in text
 
-
-def test_sample_count_studies_do_not_leak_into_the_main_table(results):
-    from analysis.collect import collect
-    from analysis.tables import ablation_table, main_table, samples_table
-
-    extra = record(constraint=0.6, pruned=0.50)
-    extra["num_samples"] = 256
-    (results / "g").mkdir()
-    (results / "g" / "results.json").write_text(json.dumps(extra))
-    df = collect(results)
-    assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
-    assert ablation_table(df).loc[("minilm", "sst2", 0.6), "+tune"] == pytest.approx(86.0)
-    assert samples_table(df).loc[("minilm", "sst2", 0.6, 256), "mean"] == pytest.approx(50.0)
-
-
-def test_latency_constrained_runs_stay_out_of_the_flops_tables(results):
-    from analysis.collect import collect
-    from analysis.tables import main_table
-
-    extra = record(constraint=0.6, pruned=0.40)
-    extra["constraint_kind"] = "latency"
-    (results / "h").mkdir()
-    (results / "h" / "results.json").write_text(json.dumps(extra))
-    df = collect(results)
-    assert set(df["kind"]) == {"flops", "latency"}
-    assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(86.0)
-
-
-def test_tuning_sample_variants_are_distinct_runs_and_stay_out_of_the_main_table(results):
-    from analysis.collect import collect
-    from analysis.tables import ablation_table, main_table, samples_table
-
-    for name, cap, pruned in (("t1", 512, 0.87), ("t2", 512, 0.87), ("t3", 256, 0.60)):
-        extra = record(constraint=0.6, pruned=pruned)
-        extra["config"]["prune"]["tune_samples"] = cap
-        (results / name).mkdir()
-        (results / name / "results.json").write_text(json.dumps(extra))
-    df = collect(results)
-    runs = df[(df["stage"] == "+tune") & (df["constraint"] == 0.6) & (df["model"] == "minilm")]
-    # the run tuned on all 2,048 samples and the one tuned on 512 are both kept (512 twice: once)
-    assert sorted(runs["tune_samples"]) == [256, 512, 2048]
-    assert main_table(df).loc[("minilm", "sst2", "accuracy"), "ours @0.6"] == pytest.approx(87.0)
-    assert ablation_table(df).loc[("minilm", "sst2", 0.6), "+tune"] == pytest.approx(87.0)
-    # the sample-count study tunes on all samples: the subset-tuned runs are not its cells
-    assert samples_table(df).loc[("minilm", "sst2", 0.6, 2048), "mean"] == pytest.approx(86.0)

@@ -1,0 +1,72 @@
+"""Mean and spread over seeds, and when two settings differ at all.
+
+One seed is not a result: every cell is ``mean ± sample std`` over seeds, and a comparison of two
+settings whose means are closer than their spread (``|difference| <= the larger std``, or one
+seed on each side) reads "no difference".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+N_SEEDS = 3  # the sweeps' seed count: cells with another count say so
+NOTE = ("mean ± sample std over seeds; (n=k): k seeds, when not 3; \"no difference (Δ)\": "
+        "|Δ| <= the larger std of the two, or one seed on each side")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (ddof=1; nan for one seed) and count over seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, row: pd.Series, value: str) -> Stat:
+        """From a ``summarize`` row: ``<value>_mean``, ``_std``, ``_n``."""
+        n = row.get(f"{value}_n")
+        if n is None or pd.isna(n) or int(n) == 0:
+            return cls(math.nan, math.nan, 0)
+        return cls(float(row[f"{value}_mean"]), float(row[f"{value}_std"]), int(n))
+
+    @classmethod
+    def pooled(cls, stats: list[Stat]) -> Stat:
+        """Several settings' seeds together (e.g. a baseline measured in every setting)."""
+        stats = [s for s in stats if s.n]
+        if not stats:
+            return cls(math.nan, math.nan, 0)
+        n = sum(s.n for s in stats)
+        mean = sum(s.mean * s.n for s in stats) / n
+        sq = sum((s.n - 1) * (0.0 if s.n == 1 else s.std) ** 2 + s.n * (s.mean - mean) ** 2
+                 for s in stats)
+        return cls(mean, math.sqrt(sq / (n - 1)) if n > 1 else math.nan, n)
+
+    def fmt(self, digits: int = 2, show_n: bool = True) -> str:
+        if self.n == 0:
+            return "--"
+        text = f"{self.mean:.{digits}f}"
+        if self.n > 1:
+            text += f" ± {self.std:.{digits}f}"
+        if show_n and self.n != N_SEEDS:
+            text += f" (n={self.n})"
+        return text
+
+
+def same(a: Stat, b: Stat) -> bool:
+    """No difference: the means are within the larger spread, or each side has one seed."""
+    if a.n == 1 and b.n == 1:
+        return True
+    spread = max((s.std for s in (a, b) if s.n > 1), default=0.0)
+    return abs(b.mean - a.mean) <= spread
+
+
+def difference(reference: Stat, other: Stat, digits: int = 2) -> str:
+    """``other - reference``, e.g. ``+0.46``, or ``no difference (+0.12)``."""
+    if reference.n == 0 or other.n == 0:
+        return "--"
+    text = f"{other.mean - reference.mean:+.{digits}f}"
+    return f"no difference ({text})" if same(reference, other) else text

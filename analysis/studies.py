@@ -1,0 +1,197 @@
+"""Tables of the studies beside the paper's: the departures from the official code, latency
+against FLOPs constraints, label-free importance, the adaptive Fisher pass, and how many samples
+the Fisher pass and mask tuning need. Cells are ``mean ± std`` over seeds; comparisons follow
+the no-difference rule (``analysis.stats``)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.identity import DEFAULT_STAGE, STAGES, prune_defaults, show
+from analysis.stats import Stat
+from analysis.tables import (
+    VARIANT_KEYS,
+    cell,
+    compare,
+    comparisons,
+    frame,
+    grid,
+    index_of,
+    labels_of,
+    select,
+    with_bases,
+)
+
+REFERENCE = ("default", DEFAULT_STAGE)
+
+
+def _row_order(key: tuple) -> tuple:
+    """The reference first, then by stage and variant."""
+    variant, stage = key[-2], key[-1]
+    rank = STAGES.index(stage) if stage in STAGES else len(STAGES)
+    return key[:-2], (variant, stage) != REFERENCE, rank, variant
+
+
+def departures_table(runs: pd.DataFrame, sweep: str = "departures_cpu") -> pd.DataFrame:
+    """One row per variant and stage of the ``sweep`` (FLOPs constraints): the pruned metric
+    per constraint, its difference to the default variant, and the tuning time."""
+    sel = select(runs, sweep=sweep)
+    if sel.empty:
+        return pd.DataFrame()
+    sel = with_bases(sel, ["model", "task"], VARIANT_KEYS)
+    index = index_of(sel, ["model", "task"], ["variant", "stage"])
+    constraints = sorted(sel["constraint"].unique())
+    cells = grid(sel, index, "constraint")
+    rows = []
+    for key in sorted(cells, key=_row_order):
+        ref = cells.get(key[:-2] + REFERENCE, {})
+        own = cells[key]
+        row = labels_of(index, key)
+        for c in constraints:
+            row[f"@{c:g}"] = cell(own.get(c, []))
+            row[f"vs default @{c:g}"] = "" if key[-2:] == REFERENCE else \
+                compare(ref.get(c, []), own.get(c, []))
+        tune = Stat.pooled([Stat.of(s, "t_tune") for ss in own.values() for s in ss])
+        ref_tune = Stat.pooled([Stat.of(s, "t_tune") for ss in ref.values() for s in ss])
+        row["tune s"] = tune.fmt(1, show_n=False)
+        row["tune time / default"] = f"{tune.mean / ref_tune.mean:.2f}" \
+            if tune.n and ref_tune.n and ref_tune.mean else "--"
+        rows.append(row)
+    return frame(rows, index, sort=False)
+
+
+def latency_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Latency- against FLOPs-constrained runs (default pipeline and variant) that measured
+    latency: the pruned metric, the FLOPs kept and the measured latency ratio."""
+    sel = select(runs, kind=None, stages=[DEFAULT_STAGE], variants=["default"])
+    if sel.empty:
+        return pd.DataFrame()
+    sel = sel[sel["latency_ratio_n"] > 0]
+    if sel.empty:
+        return pd.DataFrame()
+    sel = with_bases(sel, ["model", "task"], ("settings.constraint_kind",))
+    index = index_of(sel, ["model", "task"], ["kind", "constraint"])
+    rows = [{**{c: s[c] for c in index}, "metric": s["metric"],
+             "pruned": cell([s]), "FLOPs kept": cell([s], "flops_ratio", 3),
+             "latency ratio": cell([s], "latency_ratio", 3)}
+            for _, s in sel.sort_values(index).iterrows()]
+    return frame(rows, index)
+
+
+def unlabeled_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The labelled Fisher against the label-free one (the model's own predictions), same
+    settings otherwise (default pipeline)."""
+    sel = select(runs, stages=[DEFAULT_STAGE], departures={"importance"})
+    if sel.empty:
+        return pd.DataFrame()
+    drop = ("settings.prune.importance", "data.sample_file")
+    sel = comparisons(sel, "importance", drop, having="fisher_unlabeled")
+    if sel.empty:
+        return pd.DataFrame()
+    index = index_of(sel, ["model", "task", "metric"], ["constraint"])
+    return frame([{**labels_of(index, key), "fisher": cell(c.get("fisher", [])),
+                   "fisher_unlabeled": cell(c.get("fisher_unlabeled", [])),
+                   "unlabeled vs labelled": compare(c.get("fisher", []),
+                                                    c.get("fisher_unlabeled", []))}
+                  for key, c in grid(sel, index, "importance").items()], index)
+
+
+def fisher_time(runs: pd.DataFrame, setting: str) -> Stat:
+    """Seconds of the Fisher pass of a setting over seeds. A run that hit the cache has no time
+    of its own: it takes the time of any run that computed the same cache key (the same
+    computation, whichever constraint, stage or repeat paid for it)."""
+    computed = runs.dropna(subset=["fisher_seconds", "fisher_key"])
+    by_key = computed.groupby("fisher_key")["fisher_seconds"].mean()
+    part = runs[runs["setting"] == setting]
+    seconds = part["fisher_seconds"].fillna(part["fisher_key"].map(by_key))
+    per_seed = seconds.groupby(part["seed"]).mean().dropna()
+    if per_seed.empty:
+        return Stat(float("nan"), float("nan"), 0)
+    return Stat(per_seed.mean(), per_seed.std(), len(per_seed))
+
+
+def adaptive_table(runs: pd.DataFrame, full: int = 2048) -> pd.DataFrame:
+    """``prune.num_samples=auto`` against ``full`` samples: samples used, Fisher time and the
+    pruned metric per constraint. Takes ``collect``'s runs (the Fisher time is per seed)."""
+    sel = select(runs, stages=[DEFAULT_STAGE], departures={"num_samples"})
+    if sel.empty:
+        return pd.DataFrame()
+    sel = sel[sel["num_samples_setting"].isin(["auto", str(full)])]
+    sel = comparisons(sel, "num_samples_setting", ("settings.prune.num_samples",), "auto")
+    if sel.empty:
+        return pd.DataFrame()
+    index = index_of(sel, ["model", "task", "metric"], ["constraint"])
+    rows = []
+    for key, c in grid(sel, index, "num_samples_setting").items():
+        auto, fixed = c.get("auto", []), c.get(str(full), [])
+        times = [fisher_time(runs, s[0]["setting"]) if len(s) == 1 else Stat(0, 0, 0)
+                 for s in (auto, fixed)]
+        used = "adaptive_samples" if auto and auto[0]["adaptive_samples_n"] else "fisher_samples"
+        rows.append({**labels_of(index, key), "samples (auto)": cell(auto, used, 0),
+                     f"samples ({full})": cell(fixed, "fisher_samples", 0),
+                     "Fisher s (auto)": times[0].fmt(1), f"Fisher s ({full})": times[1].fmt(1),
+                     f"Fisher time auto / {full}": f"{times[0].mean / times[1].mean:.2f}"
+                     if times[0].n and times[1].n and times[1].mean else "--",
+                     "pruned (auto)": cell(auto), f"pruned ({full})": cell(fixed),
+                     f"auto vs {full}": compare(fixed, auto)})
+    return frame(rows, index)
+
+
+def samples_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The pruned metric per sample count (Fisher and tuning on all the samples, as the
+    paper), and its difference to the largest count of the same settings."""
+    sel = select(runs, stages=[DEFAULT_STAGE], departures={"num_samples", "tune_samples"})
+    if sel.empty:
+        return pd.DataFrame()
+    sel = sel[(sel["num_samples_setting"] != "auto")
+              & (sel["tune_samples"] == sel["num_samples_mean"])]
+    if sel.empty:
+        return pd.DataFrame()
+    sel = comparisons(sel, "num_samples_setting", ("settings.prune.num_samples",
+                                                   "settings.prune.tune_samples"))
+    if sel.empty:
+        return pd.DataFrame()
+    sel["num_samples"] = sel["num_samples_mean"].round().astype(int)
+    index = index_of(sel, ["model", "task", "metric"], ["constraint", "num_samples"])
+    rows = []
+    for _, part in sel.groupby(["base", "constraint"]):
+        most = part.loc[part["num_samples"].idxmax()]
+        rows += [{**{c: s[c] for c in index}, "pruned": cell([s]),
+                  f"vs {most['num_samples']}": "" if s.name == most.name else compare([most], [s])}
+                 for _, s in part.iterrows()]
+    table = frame(rows, index)
+    return table.sort_index().fillna("") if not table.empty else table
+
+
+def _tune_label(cap, used: float) -> tuple:
+    """The column of a tuning-sample count: its order and label."""
+    default = prune_defaults()["tune_samples"]
+    if cap is None or pd.isna(cap):
+        return (1, used), f"all ({used:g})"
+    return (0, cap), f"{show(cap)}" + (" (default)" if cap == default else "")
+
+
+def tune_samples_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The pruned metric per number of samples mask tuning used (the Fisher pass on all of
+    them), and each count against the default."""
+    sel = select(runs, stages=[DEFAULT_STAGE], departures={"tune_samples"})
+    if sel.empty:
+        return pd.DataFrame()
+    caps = sel["_identity"].map(lambda i: (i["settings"].get("prune") or {}).get("tune_samples"))
+    labels = [_tune_label(cap, used)
+              for cap, used in zip(caps, sel["num_samples_mean"], strict=True)]
+    sel["tune on"], sel["_order"] = [label for _, label in labels], labels
+    sel = comparisons(sel, "tune on", ("settings.prune.tune_samples",))
+    if sel.empty:
+        return pd.DataFrame()
+    order = [label for _, label in sorted(set(sel["_order"]))]
+    ref = next((label for label in order if label.endswith("(default)")), None)
+    index = index_of(sel, ["model", "task", "metric"], ["constraint"])
+    rows = []
+    for key, c in grid(sel, index, "tune on").items():
+        row = {**labels_of(index, key), **{label: cell(c.get(label, [])) for label in order}}
+        if ref is not None:
+            row.update({f"{label} vs {ref.split()[0]}": compare(c.get(ref, []), c.get(label, []))
+                        for label in order if label != ref})
+        rows.append(row)
+    return frame(rows, index)
