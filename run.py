@@ -40,14 +40,9 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict | list[dict]
             log.warning("another process is running %s; leaving it alone", out_dir)
             return None
         try:
-            loaded = runner.load(plan)
-            baseline = runner.measure_baseline(plan, loaded)
-            fisher, fisher_info = runner.importance(plan, loaded)
-            for constraint, path in plan.todo.items():
-                plan.done[constraint] = runner.prune_one(plan, loaded, constraint, fisher,
-                                                         fisher_info, baseline, path)
-                log.info("\n%s", summary_table(plan.done[constraint]))
-                log.info("results: %s", path / "results.json")
+            runner.recheck(plan)  # another process may have finished some since prepare
+            if plan.todo:
+                prune_todo(plan)
         finally:
             lock.unlink(missing_ok=True)
     records = [plan.done[c] for c in plan.constraints]
@@ -55,6 +50,20 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict | list[dict]
         runner.family_summary(plan, records)
         return records
     return records[0]
+
+
+def prune_todo(plan) -> None:
+    """Load the model and data once, then prune each constraint still to do."""
+    from experiments import runner
+
+    loaded = runner.load(plan)
+    baseline = runner.measure_baseline(plan, loaded)
+    fisher, fisher_info = runner.importance(plan, loaded)
+    for constraint, path in plan.todo.items():
+        plan.done[constraint] = runner.prune_one(plan, loaded, constraint, fisher, fisher_info,
+                                                 baseline, path)
+        log.info("\n%s", summary_table(plan.done[constraint]))
+        log.info("results: %s", path / "results.json")
 
 
 def summary_table(r: dict) -> str:

@@ -137,6 +137,10 @@ def main_table(runs: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.Data
     sel = select(runs, stages=[DEFAULT_STAGE], variants=["default"])
     if sel.empty:
         return pd.DataFrame()
+    # the same runs without a latency measurement (other sweeps switch it off) add no row
+    measured = sel.groupby(["model", "task"])["latency_ratio_mean"].transform(
+        lambda v: v.notna().any())
+    sel = sel[sel["latency_ratio_mean"].notna() | ~measured]
     sel = with_bases(sel, ["model", "task", "metric"])
     index = index_of(sel, ["model", "task", "metric"])
     constraints = sorted(sel["constraint"].unique())

@@ -1,23 +1,28 @@
-"""`make bench`: pruning time against its floor, peak memory, and the pruned models' speed.
+"""`make bench`: pruning time against its floor, peak memory, the pruned models' speed, and the
+cost of a family of constraints against single runs. Ratios are measured in one run on one
+machine; results go to outputs/bench/ (``bench[-full].{json,md}``).
 
-For each model (the demo MiniLM, BERT-base and DistilBERT built from their configs with random
-weights: timing does not depend on the weights) and a sample set of fixed-length sequences:
+Part 1, per model (each in its own process, so that peak memory is per model): the demo
+MiniLM, MPNet-base (real weights when ``make mpnet-weights`` has run, fine-tuned if cached),
+DistilBERT and BERT-base (random weights: timing does not depend on them), on a sample set of
+fixed-length sequences (128 tokens):
 
-- wall time of every stage (Fisher, search, rearrangement, tuning, physical pruning, evaluation)
-  and the peak resident memory of the process (each model runs in its own process);
-- the floor: one forward + backward pass over the sample set with frozen weights (what the
-  Fisher pass cannot avoid), and the ratio total pruning time / floor;
-- latency and throughput of the pruned model against the baseline at several FLOPs constraints;
-- how pruning time grows with the number of samples and with model size.
+- the floor: one forward + backward pass over the sample set with frozen weights, what the
+  Fisher pass cannot avoid; the wall time of every stage, and total / floor for each tuning
+  mode (``mask``, the paper, and ``weights``, the reconstruction) at constraint 0.5;
+- latency and throughput of the pruned models at 0.4 / 0.5 / 0.6 against the baseline;
+- (MiniLM) how pruning time grows with the number of samples.
 
-Mask tuning uses the first 512 samples (the library default, ``--tune-samples``); Fisher and
-the floor use them all. DistilBERT and BERT-base run 512 samples by default (``--full``: 2,048),
-and the table adds the ratio projected to 2,048 samples from the measured parts (Fisher and the
-floor are linear in the sample count, tuning is capped).
+Mask tuning uses the first 512 samples (the library default); Fisher and the floor use all of
+them. The base-size models run 512 samples by default (``--full``: 2,048) and the table adds the
+ratio projected to 2,048 samples (Fisher and the floor are linear in the samples, tuning capped).
 
-Ratios are measured in one run on one machine. Results: outputs/bench/bench.json and bench.md.
+Part 2 (``--family``, part of the default run): the real command line on the demo task, timed
+end to end: one single run, four single runs (constraints 0.4 / 0.5 / 0.6 / 0.7, each with its
+own Fisher pass), and one family run of the same four constraints (one Fisher pass, one
+baseline evaluation).
 
-    python -m experiments.bench [--quick] [--full] [--models minilm ...] [--tune-samples 512|all]
+    python -m experiments.bench [--quick] [--full] [--models minilm ...] [--no-family]
 """
 
 from __future__ import annotations
@@ -29,22 +34,26 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache"
 
 MODELS = {
-    # name: (config builder kwargs or checkpoint, samples, note)
     "minilm": {"samples": 2048},
+    "mpnet": {"samples": 512, "note": "512 samples (--full: 2,048); see the projected ratio"},
     "distilbert": {"samples": 512, "note": "512 samples (--full: 2,048); see the projected ratio"},
     "bert-base": {"samples": 512, "note": "512 samples (--full: 2,048); see the projected ratio"},
 }
+MODES = ("mask", "weights")
 
 
 def build_model(name: str):
     import torch
     from transformers import (
+        AutoModelForSequenceClassification,
         BertConfig,
         BertForSequenceClassification,
         DistilBertConfig,
@@ -52,10 +61,20 @@ def build_model(name: str):
     )
 
     torch.manual_seed(0)
-    if name == "minilm":
-        demo = ROOT / ".cache" / "models" / "minilm-sst2"
-        if demo.exists():
-            return BertForSequenceClassification.from_pretrained(demo).eval(), "fine-tuned demo"
+    if name in ("minilm", "mpnet"):
+        tuned = CACHE / "models" / f"{name}-sst2"
+        pretrained = CACHE / "pretrained" / "all-mpnet-base-v2"
+        if tuned.exists():
+            return AutoModelForSequenceClassification.from_pretrained(tuned).eval(), \
+                "fine-tuned on SST-2"
+        if name == "mpnet" and pretrained.exists():
+            return AutoModelForSequenceClassification.from_pretrained(
+                pretrained, num_labels=2).eval(), "pretrained, random head"
+        if name == "mpnet":
+            from transformers import MPNetConfig, MPNetForSequenceClassification
+
+            return MPNetForSequenceClassification(MPNetConfig(num_labels=2)).eval(), \
+                "random weights"
         config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                             intermediate_size=1536, num_labels=2)
         return BertForSequenceClassification(config).eval(), "MiniLM shape, random weights"
@@ -80,9 +99,8 @@ def sample_batches(vocab: int, samples: int, seq_len: int, batch: int = 32, seed
 
 def floor_time(model, batches) -> float:
     """Forward + backward over the batches, weights frozen, gradient w.r.t. the embeddings."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    from prune.runtime import eval_mode
+
     emb = model.base_model.embeddings
 
     def needs_grad(module, args, out):
@@ -91,106 +109,146 @@ def floor_time(model, batches) -> float:
     handle = emb.register_forward_hook(needs_grad)
     start = time.perf_counter()
     try:
-        for b in batches:
-            model(**b).loss.backward()
+        with eval_mode(model, freeze=True):
+            for b in batches:
+                model(**b).loss.backward()
     finally:
         handle.remove()
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
     return time.perf_counter() - start
 
 
 def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
-                sample_counts: list[int], tune_samples: int | None = 512) -> dict:
-    """Stage times at constraint 0.5 (the whole pipeline); latency of the pruned models at every
-    constraint (tuning only rescales kept units, so the other constraints skip it)."""
+                sample_counts: list[int], min_run_time: float) -> dict:
+    """Stage times at constraint 0.5 for each tuning mode; latency of the pruned models at
+    every constraint (tuned with the default mode)."""
     import torch
 
     from experiments.evaluation import predict
-    from prune import flops_cost, get_adapter, prune_model
+    from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
     from prune.fisher import compute_fisher
     from prune.latency import compare_latency, measure_latency
-    from prune.pipeline import PruneOptions, prune_masks, timed
+    from prune.pipeline import timed
 
     model, origin = build_model(name)
     adapter = get_adapter(model)
     batches = sample_batches(model.config.vocab_size, samples, seq_len)
     out = {"model": name, "origin": origin, "samples": samples, "seq_len": seq_len,
-           "tune_samples": tune_samples, "threads": torch.get_num_threads(), "device": "cpu"}
+           "tune_samples": PruneOptions.defaults()["tune_samples"],
+           "threads": torch.get_num_threads(), "device": "cpu"}
     out["floor"] = floor_time(model, batches)
     cost = flops_cost(adapter, seq_len)
     t: dict[str, float] = {}
     with timed(t, "fisher"):
         fisher = compute_fisher(model, adapter, batches, progress=False)
-    runs = {}
-    for c in constraints:
-        opts = PruneOptions(constraint=c, tune=c == 0.5, tune_samples=tune_samples)
+    modes = {}
+    for mode in MODES:
+        opts = PruneOptions(constraint=0.5, tune=mode)
         result = prune_masks(model, adapter, batches, cost, opts, fisher=fisher, progress=False)
         timings = {**result.timings, "fisher": t["fisher"]}
         small = copy.deepcopy(model)
         with timed(timings, "physical"):
-            prune_model(small, result.masks, adapter)
-        eval_batches = batches[:4]
+            prune_model(small, result.masks, adapter, result.weights)
         with timed(timings, "eval"):
-            predict(small, eval_batches)
+            predict(small, batches[:4])
         timings["total"] = sum(timings.get(k, 0.0) for k in
                                ("fisher", "search", "rearrange", "tune", "physical"))
-        base = measure_latency(model, 32, 128, warmup=2, repeats=10)
-        pruned = measure_latency(small, 32, 128, warmup=2, repeats=10)
-        lat = compare_latency(base, pruned)
-        runs[str(c)] = {"timings": timings, "ratio_to_floor": timings["total"] / out["floor"],
-                        "latency": lat, "throughput": {"baseline": 32 / base.median,
-                                                       "pruned": 32 / pruned.median},
-                        "flops_ratio": cost.macs(result.masks.heads_per_layer(),
-                                                 result.masks.neurons_per_layer())
-                        / cost.full_macs}
+        modes[mode] = {"timings": timings, "ratio_to_floor": timings["total"] / out["floor"],
+                       "ratio_2048": projected(timings, out["floor"], samples)}
+    out["modes"] = modes
+    base = measure_latency(model, 32, 128, min_run_time)
+    runs = {}
+    for c in constraints:
+        result = prune_masks(model, adapter, batches, cost, PruneOptions(constraint=c),
+                             fisher=fisher, progress=False)
+        small = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
+        pruned = measure_latency(small, 32, 128, min_run_time)
+        runs[str(c)] = {"latency": compare_latency(base, pruned),
+                        "throughput": {"baseline": 32 / base.median,
+                                       "pruned": 32 / pruned.median},
+                        "flops_ratio": cost.ratio(result.masks.heads_per_layer(),
+                                                  result.masks.neurons_per_layer())}
         del small
     out["constraints"] = runs
-    main = runs["0.5"]["timings"]
-    # Fisher and the floor are linear in the sample count, tuning uses at most tune_samples:
-    # the ratio at 2,048 samples follows from the measured parts (reported as a projection).
-    k = 2048 / samples
-    rest = main["total"] - main["fisher"]
-    if tune_samples is None:
-        rest *= k
-    elif samples < tune_samples:
-        rest *= min(k, tune_samples / samples)
-    out["ratio_2048"] = (main["fisher"] * k + rest) / (out["floor"] * k) if k != 1 else None
-    scaling = {}
-    for n in sample_counts:
-        sub = batches[: max(1, n // 32)]
-        tt: dict[str, float] = {}
-        with timed(tt, "fisher"):
-            f = compute_fisher(model, adapter, sub, progress=False)
-        r = prune_masks(model, adapter, sub, cost,
-                        PruneOptions(constraint=0.5, tune_samples=tune_samples), fisher=f,
-                        progress=False)
-        scaling[str(n)] = {"fisher": tt["fisher"], "tune": r.timings.get("tune", 0.0),
-                           "total": tt["fisher"] + sum(r.timings.values())}
-    scaling[str(samples)] = {"fisher": main["fisher"], "tune": main["tune"],
-                             "total": main["total"]}
-    out["scaling"] = scaling
+    out["scaling"] = scaling(model, adapter, batches, cost, sample_counts, modes["mask"], samples)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| model | samples | tune samples | floor s | fisher s | search s | rearrange s | "
-             "tune s | physical s | eval s | total s | total/floor | at 2,048 (projected) | "
-             "peak RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def projected(timings: dict, floor: float, samples: int) -> float | None:
+    """total / floor at 2,048 samples from the measured parts: the Fisher pass and the floor
+    grow with the samples, tuning uses at most its first 512."""
+    if samples == 2048:
+        return None
+    k = 2048 / samples
+    rest = timings["total"] - timings["fisher"]
+    if samples < 512:
+        rest *= min(k, 512 / samples)
+    return (timings["fisher"] * k + rest) / (floor * k)
+
+
+def scaling(model, adapter, batches, cost, counts, main, samples) -> dict:
+    from prune import PruneOptions, prune_masks
+    from prune.fisher import compute_fisher
+    from prune.pipeline import timed
+
+    out = {}
+    for n in counts:
+        sub = batches[: max(1, n // 32)]
+        tt: dict[str, float] = {}
+        with timed(tt, "fisher"):
+            f = compute_fisher(model, adapter, sub, progress=False)
+        r = prune_masks(model, adapter, sub, cost, PruneOptions(constraint=0.5), fisher=f,
+                        progress=False)
+        out[str(n)] = {"fisher": tt["fisher"], "tune": r.timings.get("tune", 0.0),
+                       "total": tt["fisher"] + sum(r.timings.values())}
+    t = main["timings"]
+    out[str(samples)] = {"fisher": t["fisher"], "tune": t["tune"], "total": t["total"]}
+    return out
+
+
+def family_bench(quick: bool) -> dict:
+    """The command line on the demo task, timed end to end: 1 single run, 4 single runs and
+    one family run of the same 4 constraints (every Fisher pass computed, none cached)."""
+    constraints = [0.4, 0.5, 0.6, 0.7]
+    extra = ["prune.fisher_cache_dir=null", "progress=false", "save_model=true"]
+    if quick:
+        extra += ["prune.num_samples=256", "eval.max_samples=256", "latency.min_run_time=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+    def timed_run(constraint: str) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            res = subprocess.run([sys.executable, "run.py", "model=minilm", "task=sst2",
+                                  f"constraint={constraint}", f"hydra.run.dir={tmp}", *extra],
+                                 cwd=ROOT, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                sys.exit(f"bench run failed:\n{res.stderr[-3000:]}")
+            return time.perf_counter() - start
+
+    singles = [timed_run(str(c)) for c in constraints]
+    family = timed_run("[" + ",".join(str(c) for c in constraints) + "]")
+    return {"constraints": constraints, "single_runs": singles, "one_run": singles[0],
+            "four_runs": sum(singles), "family": family,
+            "family_over_one_run": family / singles[0],
+            "family_over_four_runs": family / sum(singles)}
+
+
+def table(results: list[dict], family: dict | None) -> str:
+    lines = ["| model | weights | samples | tuning | floor s | Fisher s | search s | "
+             "rearrange s | tune s | physical s | total s | total/floor | at 2,048 "
+             "(projected) | peak RSS GB |", "|" + "---|" * 14]
     for r in results:
-        t = r["constraints"]["0.5"]["timings"]
-        proj = f"{r['ratio_2048']:.2f}" if r.get("ratio_2048") else "(measured)"
-        tune_n = min(r["samples"], r["tune_samples"] or r["samples"])
-        lines.append(
-            f"| {r['model']} | {r['samples']} | {tune_n} | {r['floor']:.1f} | {t['fisher']:.1f} | "
-            f"{t['search']:.3f} | {t['rearrange']:.2f} | {t['tune']:.1f} | {t['physical']:.2f} "
-            f"| {t['eval']:.2f} | {t['total']:.1f} | "
-            f"{r['constraints']['0.5']['ratio_to_floor']:.2f} | {proj} | {r['peak_rss_gb']:.2f} |")
+        for mode, m in r["modes"].items():
+            t = m["timings"]
+            proj = f"{m['ratio_2048']:.2f}" if m.get("ratio_2048") else "(measured)"
+            lines.append(
+                f"| {r['model']} | {r['origin']} | {r['samples']} | {mode} | {r['floor']:.1f} "
+                f"| {t['fisher']:.1f} | {t['search']:.3f} | {t['rearrange']:.2f} | "
+                f"{t['tune']:.1f} | {t['physical']:.2f} | {t['total']:.1f} | "
+                f"{m['ratio_to_floor']:.2f} | {proj} | {r['peak_rss_gb']:.2f} |")
     lines += ["", "| model | constraint | FLOPs kept | latency base ms | latency pruned ms | "
-              "speedup | throughput base/s | throughput pruned/s |",
-              "|---|---|---|---|---|---|---|---|"]
+              "speedup | throughput base/s | throughput pruned/s |", "|" + "---|" * 8]
     for r in results:
         for c, run in r["constraints"].items():
             lat = run["latency"]
@@ -199,12 +257,20 @@ def table(results: list[dict]) -> str:
                 f"{1e3 * lat['baseline']['median']:.0f} | {1e3 * lat['pruned']['median']:.0f} | "
                 f"{lat['speedup']:.2f}x | {run['throughput']['baseline']:.1f} | "
                 f"{run['throughput']['pruned']:.1f} |")
-    lines += ["", "| model | samples | fisher s | tune s | total s | total per sample ms |",
+    lines += ["", "| model | samples | Fisher s | tune s | total s | total per sample ms |",
               "|---|---|---|---|---|---|"]
     for r in results:
         for n, s in sorted(r["scaling"].items(), key=lambda kv: int(kv[0])):
             lines.append(f"| {r['model']} | {n} | {s['fisher']:.1f} | {s['tune']:.1f} | "
                          f"{s['total']:.1f} | {1e3 * s['total'] / int(n):.1f} |")
+    if family:
+        lines += ["", "| demo (MiniLM, SST-2), whole command | seconds | ratio to one run |",
+                  "|---|---|---|",
+                  f"| one single run (constraint 0.4) | {family['one_run']:.1f} | 1.00 |",
+                  f"| four single runs (0.4/0.5/0.6/0.7) | {family['four_runs']:.1f} | "
+                  f"{family['four_runs'] / family['one_run']:.2f} |",
+                  f"| one family run of the same four | {family['family']:.1f} | "
+                  f"{family['family_over_one_run']:.2f} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -213,26 +279,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sample sets (a smoke run)")
     parser.add_argument("--full", action="store_true",
                         help="every model with 2,048 samples (BERT-base: about an hour here)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--tune-samples", default="512",
-                        help="samples for mask tuning ('all': the whole sample set)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-family", action="store_true", help="skip the family timing")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = parser.parse_args()
     scale = 8 if args.quick else 1
-    tune_samples = None if args.tune_samples == "all" else int(args.tune_samples)
+    min_run_time = 0.5 if args.quick else 5.0
     if args.one:
         samples = 2048 if args.full else MODELS[args.one]["samples"]
         samples = max(32, samples // scale)
         counts = [n // scale for n in (512, 1024)] if args.one == "minilm" else []
         print("BENCH-JSON " + json.dumps(bench_model(
             args.one, samples, 128, [0.4, 0.5, 0.6], [c for c in counts if c >= 32],
-            tune_samples=tune_samples if tune_samples is None else max(1, tune_samples // scale))))
+            min_run_time)))
         return
     results = []
     for name in args.models:  # one process per model: peak memory is per model
-        cmd = [sys.executable, "-m", "experiments.bench", "--one", name, "--tune-samples",
-               args.tune_samples]
+        cmd = [sys.executable, "-m", "experiments.bench", "--one", name]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--full"] if args.full else []
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, cwd=ROOT)
@@ -242,14 +306,16 @@ def main() -> None:
         note = "" if args.full else MODELS[name].get("note", "")
         results.append({**json.loads(line[0][len("BENCH-JSON "):]), "note": note})
         print(f"{name}: done", flush=True)
+    family = None if args.no_family else family_bench(args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench" + ("-full" if args.full else "") + ("-quick" if args.quick else "")
     if sorted(args.models) != sorted(MODELS):  # a subset does not overwrite the whole-bench file
         stem += "-" + "-".join(args.models)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{stem}.md").write_text(table(results))
-    print(table(results))
+    (out / f"{stem}.json").write_text(json.dumps({"models": results, "family": family},
+                                                 indent=2))
+    (out / f"{stem}.md").write_text(table(results, family))
+    print(table(results, family))
     for r in results:
         if r.get("note"):
             print(f"note: {r['model']}: {r['note']}")

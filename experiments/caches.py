@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from experiments.records import write_atomic
+from experiments.records import WRITE_ERRORS, write_atomic, write_failure
 from prune.arch import Adapter
 from prune.fisher import Fisher
 from prune.latency import LatencyTable, build_latency_table
@@ -75,8 +75,9 @@ def data_fingerprint(spec, split: str) -> dict:
 def _save_quietly(path: Path, write: Callable[[Path], None], what: str) -> None:
     try:
         write_atomic(path, write)
-    except OSError as err:
-        log.warning("could not write the %s cache %s (%s); going on without it", what, path, err)
+    except WRITE_ERRORS as err:
+        log.warning("could not write the %s cache %s (%s); going on without it", what, path,
+                    write_failure(err))
 
 
 def cached_fisher(cache_dir: str | Path | None, key: dict,

@@ -90,7 +90,7 @@ class RunConf:
     model: Any = None
     paths: Any = None
     logger: Any = None
-    preset: Any = None
+    preset: str = "none"  # set by the preset group: none | official
 
 
 def register() -> None:

@@ -13,6 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from safetensors import SafetensorError
+
+# What a failed write raises: OSError, or, on a full disk, torch.save's RuntimeError and
+# safetensors' own error (the weights of save_pretrained).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -68,6 +74,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_failure(err: Exception) -> str:
+    """Why a write failed, in one line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def check_writable(directory: str | Path) -> None:

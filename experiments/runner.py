@@ -39,17 +39,20 @@ from experiments.checkpoints import (
     pick_device,
     resolve_path,
 )
+from experiments.config import constraints_of as validate_constraints
 from experiments.config import prune_options, validate
 from experiments.data import TaskSpec, check_data, read_text_samples
 from experiments.errors import RunError
 from experiments.finetune import FinetuneConfig, cached_finetune
 from experiments.metrics import main_metric
 from experiments.records import (
+    WRITE_ERRORS,
     atomic_dir,
     check_writable,
     git_commit,
     versions,
     write_atomic,
+    write_failure,
     write_json_atomic,
 )
 from experiments.tasks import TaskData, build_task_data, evaluate_task
@@ -143,6 +146,9 @@ def resolve_checkpoint(cfg: DictConfig, spec: TaskSpec, device: str) -> str:
         ft = FinetuneConfig(**settings)
     except TypeError as err:
         raise RunError(f"model.finetune: {err}") from None
+    if m.get("fetch") and not Path(str(m.pretrained)).exists():
+        raise RunError(f"the pretrained weights of model {m.name} are not in {m.pretrained}; "
+                       f"run `{m.fetch}` once")
     base = resolve_path(str(m.pretrained))
     out = Path(cfg.paths.cache_dir) / "models" / f"{m.name}-{spec.name}"
     return str(cached_finetune(base, spec, out, ft, device=device, progress=cfg.progress))
@@ -153,10 +159,13 @@ def run_identity(cfg: DictConfig, spec: TaskSpec, checkpoint: str, device: str) 
     if cfg.prune.sample_file:
         data["sample_file"] = file_digest(cfg.prune.sample_file)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    return {"settings": settings_of(OmegaConf.to_container(cfg, resolve=True)), "data": data,
-            "checkpoint": weights_fingerprint(checkpoint), "device": name,
-            "code": {"prune": prune.__version__, "fisher": FISHER_VERSION,
-                     "results": RESULTS_VERSION}}
+    identity = {"settings": settings_of(OmegaConf.to_container(cfg, resolve=True)),
+                "data": data, "checkpoint": weights_fingerprint(checkpoint), "device": name,
+                "code": {"prune": prune.__version__, "fisher": FISHER_VERSION,
+                         "results": RESULTS_VERSION}}
+    if cfg.prune.num_samples == "auto":  # the adaptive pass stops on all the constraints' masks
+        identity["adaptive_constraints"] = sorted(validate_constraints(cfg.constraint))
+    return identity
 
 
 def _finished(path: Path, identity: dict, force: bool) -> dict | None:
@@ -233,6 +242,15 @@ def claim(out_dir: Path) -> Path | None:
             handle.write(str(os.getpid()))
         return lock
     return None
+
+
+def recheck(plan: Plan) -> None:
+    """Move to ``plan.done`` what another process finished between ``prepare`` and ``claim``."""
+    for c, path in list(plan.todo.items()):
+        previous = _finished(path, {**plan.identity, "constraint": c}, plan.cfg.force)
+        if previous is not None:
+            plan.done[c] = previous
+            del plan.todo[c]
 
 
 @dataclass
@@ -388,7 +406,7 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "identity": {**plan.identity, "constraint": constraint},
         "git_commit": git_commit(os.environ.get("FASTPRUNE_ROOT", ".")),
-        "versions": versions(), "complete": True,
+        "versions": versions(), "complete": False,  # True once the masks and model are saved
     }
     write_json_atomic(path / "results.json", record)
     _save_outputs(plan, path, model, loaded.tokenizer, result, record)
@@ -397,20 +415,26 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
 
 
 def _save_outputs(plan: Plan, path: Path, model, tokenizer, result, record: dict) -> None:
-    """Masks and the pruned model, after the record. A model that cannot be saved marks the
-    record incomplete (a re-run redoes it) and stops the run with one line."""
+    """Masks and the pruned model, after the record, which is marked complete only then. A
+    model that cannot be saved leaves the record incomplete (a re-run redoes it) and stops the
+    run with one line."""
     masks = {"final": result.masks.state_dict(), "searched": result.searched.state_dict()}
     try:
         write_atomic(path / "masks.pt", lambda tmp: torch.save(masks, tmp))
         if plan.cfg.save_model:
             with atomic_dir(path / "pruned_model") as tmp:
                 prune.save_pruned(model, tmp, tokenizer)
-    except OSError as err:
+        record["complete"] = True
+        write_json_atomic(path / "results.json", record)
+    except WRITE_ERRORS as err:
         record["complete"] = False
         record["save_error"] = str(err)
-        write_json_atomic(path / "results.json", record)
-        raise RunError(f"could not save the pruned model in {path} ({err.strerror}); the "
-                       f"results are in results.json; free space and re-run") from None
+        try:  # the record on disk already says incomplete; this adds why
+            write_json_atomic(path / "results.json", record)
+        except WRITE_ERRORS:
+            pass
+        raise RunError(f"could not save the pruned model in {path} ({write_failure(err)}); "
+                       f"the results are in results.json; free space and re-run") from None
 
 
 def family_summary(plan: Plan, records: list[dict]) -> None:

@@ -1,4 +1,5 @@
-"""The Hydra application end to end on tiny checkpoints and the real shared data."""
+"""The Hydra application end to end on tiny checkpoints and the real shared data (bad input:
+test_bad_input.py)."""
 
 import json
 import subprocess
@@ -7,10 +8,9 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SHARED
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
-from experiments.errors import RunError
 from prune import load_pruned
 
 FAST = ["prune.num_samples=64", "prune.batch_size=16", "eval.max_samples=96", "progress=false",
@@ -56,56 +56,6 @@ def test_pipeline_switches_turn_stages_off(tiny_checkpoints, tmp_path):
     assert "rearrange" not in record["timings"] and "tune" not in record["timings"]
     assert record["tune"] is None
     assert not (tmp_path / "pruned_model").exists()
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Bad input must be caught before any weights are loaded."""
-    import experiments.checkpoints
-
-    def refuse(*a, **k):
-        raise AssertionError("weights were loaded before the input was checked")
-
-    monkeypatch.setattr(experiments.checkpoints, "load_model", refuse)
-    monkeypatch.setattr("experiments.runner.load_model", refuse)
-
-
-@pytest.mark.parametrize("constraint", ["0", "1.5", "-0.2"])
-def test_bad_constraint_stops_early(tiny_checkpoints, tmp_path, no_model_loading, constraint):
-    with pytest.raises(RunError, match=r"outside \(0, 1\]"):
-        run([f"model.path={tiny_checkpoints['cls2']}", f"constraint={constraint}", *FAST],
-            tmp_path)
-
-
-@pytest.mark.parametrize("override,message", [
-    ("prune.tune_samples=0", "tune_samples=0: use a positive number"),
-    ("prune.tune_samples=-5", "tune_samples=-5: use a positive number"),
-    ("prune.amp=fp8", "amp='fp8': use one of auto, bf16, off"),
-])
-def test_bad_pruning_option_stops_early(tiny_checkpoints, tmp_path, no_model_loading, override,
-                                        message):
-    with pytest.raises(RunError, match=message):
-        run([f"model.path={tiny_checkpoints['cls2']}", override, *FAST], tmp_path)
-
-
-def test_missing_model_path_stops_early(tmp_path, no_model_loading):
-    with pytest.raises(RunError, match="does not exist"):
-        run([f"model.path={tmp_path}/no/such/dir", *FAST], tmp_path)
-
-
-def test_label_count_mismatch_stops_early(tiny_checkpoints, tmp_path, no_model_loading):
-    with pytest.raises(RunError, match="has 2 label.* task stsb needs 1"):
-        run(["task=stsb", f"model.path={tiny_checkpoints['cls2']}", *FAST], tmp_path)
-
-
-def test_data_with_missing_columns_stops_early(tiny_checkpoints, tmp_path, no_model_loading):
-    data = tmp_path / "SST-2"
-    data.mkdir()
-    src = (SHARED / "glue" / "SST-2" / "dev.tsv").read_text().split("\n")
-    (data / "train.tsv").write_text("\n".join(["text\tlabel", *src[1:]]))
-    (data / "dev.tsv").write_text("\n".join(src))
-    with pytest.raises(RunError, match="lacks column"):
-        run([f"model.path={tiny_checkpoints['cls2']}", f"task.local_dir={data}", *FAST], tmp_path)
 
 
 def cli(*args):
