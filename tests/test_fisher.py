@@ -1,25 +1,45 @@
+import pytest
 import torch
-from conftest import tiny_batches, tiny_model
+from conftest import inputs_of, tiny_batches, tiny_model
+from torch.func import functional_call
 
-from prune import Masks, apply_masks, compute_fisher, flops_cost, get_adapter, prune_masks
+from prune import compute_fisher, flops_cost, get_adapter, prune_masks, search_masks
+from prune.fisher import autocast_dtype
 from prune.pipeline import PruneOptions
 
 
-def test_fisher_is_the_sum_of_squared_batch_gradients(family):
+def scaled_by_hand(model, adapter, batch, head_scale, neuron_scale, loss_of=None):
+    """The model's loss with each head's output and each neuron's output scaled by hand: the
+    output projection's input columns of head k, and the down projection's column of neuron n,
+    multiplied by a variable (no masks, no hooks: ``functional_call`` with scaled weights)."""
+    params = dict(model.named_parameters())
+    prefix = {id(m): n for n, m in model.named_modules()}
+    dh = adapter.head_size
+    for l in range(adapter.num_layers):
+        attn = adapter.module(model, l, "attn_out")
+        down = adapter.module(model, l, "ffn_out")
+        name = prefix[id(attn)] + ".weight"
+        params[name] = params[name] * head_scale[l].repeat_interleave(dh)[None, :]
+        name = prefix[id(down)] + ".weight"
+        params[name] = params[name] * neuron_scale[l][None, :]
+    out = functional_call(model, params, args=(), kwargs=batch)
+    return out.loss if loss_of is None else loss_of(out)
+
+
+def test_fisher_rows_are_the_gradients_of_outputs_scaled_by_hand(family):
     model = tiny_model(family)
     adapter = get_adapter(model)
     batches = tiny_batches(3)
     fisher = compute_fisher(model, adapter, batches, progress=False)
     assert fisher.head_grads.shape == (3, adapter.num_layers, adapter.num_heads)
-    assert fisher.num_samples == 18
-    # recompute one batch's gradient independently
-    masks = Masks.ones(adapter)
-    masks.neuron.requires_grad_(True)
-    with apply_masks(model, adapter, masks):
-        model(**batches[1]).loss.backward()
-    assert torch.allclose(fisher.neuron_grads[1], masks.neuron.grad, atol=1e-6)
-    expected = sum(g.pow(2) for g in fisher.head_grads)
-    assert torch.allclose(fisher.head_importance, expected)
+    assert fisher.num_samples == 18 and fisher.rows == "batch"
+    for b, batch in enumerate(batches):
+        s = torch.ones(adapter.num_layers, adapter.num_heads, requires_grad=True)
+        t = torch.ones(adapter.num_layers, adapter.intermediate_size, requires_grad=True)
+        g_s, g_t = torch.autograd.grad(scaled_by_hand(model, adapter, batch, s, t), [s, t])
+        assert torch.allclose(fisher.head_grads[b], g_s, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(fisher.neuron_grads[b], g_t, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(fisher.head_importance, fisher.head_grads.pow(2).sum(0))
     assert all(p.requires_grad for p in model.parameters()), "weights must be unfrozen after"
 
 
@@ -39,8 +59,6 @@ def test_bfloat16_autocast_fisher_ranks_units_like_float32(family):
     """``amp='bf16'`` (what ``auto`` picks on a bf16 GPU; forced here on CPU) keeps float32
     gradients and the same importance ranking to within bfloat16 noise; ``auto`` on CPU is exact
     float32."""
-    from prune.fisher import autocast_dtype
-
     model = tiny_model(family)
     adapter = get_adapter(model)
     batches = tiny_batches(3)
@@ -56,3 +74,106 @@ def test_bfloat16_autocast_fisher_ranks_units_like_float32(family):
                  (full.head_importance, half.head_importance)):
         ra, rb = a.flatten().argsort().argsort().float(), b.flatten().argsort().argsort().float()
         assert torch.corrcoef(torch.stack([ra, rb]))[0, 1] > 0.9
+
+
+def one_sample_batches(batches):
+    return [{k: v[i:i + 1] for k, v in b.items()} for b in batches
+            for i in range(b["input_ids"].shape[0])]
+
+
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_unlabeled_fisher_is_the_expectation_over_the_models_labels(num_labels):
+    """``fisher_unlabeled`` for classification is, per sample, the labelled Fisher with each
+    class as the label, weighted by the model's probability of that class."""
+    model = tiny_model("bert", num_labels=num_labels)
+    adapter = get_adapter(model)
+    batches = tiny_batches(2, num_labels=num_labels)
+    unlabeled = compute_fisher(model, adapter, [inputs_of(b) for b in batches],
+                               progress=False, importance="fisher_unlabeled")
+    assert unlabeled.rows == "sample"
+    expected_h = torch.zeros(adapter.num_layers, adapter.num_heads)
+    expected_n = torch.zeros(adapter.num_layers, adapter.intermediate_size)
+    for sample in one_sample_batches(batches):
+        with torch.no_grad():
+            p = torch.softmax(model(**inputs_of(sample)).logits, -1)[0]
+        for c in range(num_labels):
+            f = compute_fisher(model, adapter, [{**sample, "labels": torch.tensor([c])}],
+                               progress=False)
+            expected_h += p[c] * f.head_importance
+            expected_n += p[c] * f.neuron_importance
+    assert torch.allclose(unlabeled.head_importance, expected_h, rtol=1e-3, atol=1e-9)
+    assert torch.allclose(unlabeled.neuron_importance, expected_n, rtol=1e-3, atol=1e-9)
+
+
+def test_unlabeled_fisher_of_a_confident_model_prunes_like_the_predicted_labels():
+    """A constructed confident model (every sample at the same confidence p ~ 1): the
+    expectation form is the labelled Fisher with the predicted labels up to one constant factor
+    ((1 - eps) / eps), so it searches the same masks. (With p ~ 1 the non-predicted classes
+    still contribute at first order in eps while the predicted label's term is of second order:
+    the two are proportional, not equal.)"""
+    model = tiny_model("bert", num_labels=2)
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e-3)
+        model.classifier.bias.copy_(torch.tensor([0.0, 12.0]))
+    adapter = get_adapter(model)
+    batches = tiny_batches(3)
+    samples = one_sample_batches(batches)
+    with torch.no_grad():
+        p = torch.cat([torch.softmax(model(**inputs_of(s)).logits, -1) for s in samples])
+    assert p[:, 1].min() > 0.9999  # confident, and about equally so on every sample
+    predicted = [{**s, "labels": torch.tensor([1])} for s in samples]
+    labelled = compute_fisher(model, adapter, predicted, progress=False)
+    unlabeled = compute_fisher(model, adapter, [inputs_of(b) for b in batches], progress=False,
+                               importance="fisher_unlabeled")
+    eps = float(p[:, 0].mean())
+    for u, lab in ((unlabeled.neuron_importance, labelled.neuron_importance),
+                   (unlabeled.head_importance, labelled.head_importance)):
+        assert torch.allclose(u * eps / (1 - eps), lab, rtol=2e-2, atol=1e-3 * float(lab.max()))
+    cost = flops_cost(adapter, 10)
+    for c in (0.3, 0.5, 0.7):
+        a = search_masks(labelled.head_importance, labelled.neuron_importance, cost, c)
+        b = search_masks(unlabeled.head_importance, unlabeled.neuron_importance, cost, c)
+        assert torch.equal(a.head, b.head) and torch.equal(a.neuron, b.neuron)
+
+
+def test_unlabeled_fisher_for_regression_is_the_prediction_gradient():
+    model = tiny_model("bert", num_labels=1)
+    adapter = get_adapter(model)
+    batches = tiny_batches(2, num_labels=1)
+    unlabeled = compute_fisher(model, adapter, [inputs_of(b) for b in batches],
+                               progress=False, importance="fisher_unlabeled")
+    rows = []
+    for s in one_sample_batches(batches):
+        h = torch.ones(adapter.num_layers, adapter.num_heads, requires_grad=True)
+        n = torch.ones(adapter.num_layers, adapter.intermediate_size, requires_grad=True)
+        pred = scaled_by_hand(model, adapter, inputs_of(s), h, n,
+                              loss_of=lambda out: out.logits.sum())
+        rows.append(torch.autograd.grad(pred, [h, n]))
+    assert torch.allclose(unlabeled.head_grads, torch.stack([r[0] for r in rows]), rtol=1e-4,
+                          atol=1e-7)
+    assert torch.allclose(unlabeled.neuron_grads, torch.stack([r[1] for r in rows]), rtol=1e-4,
+                          atol=1e-7)
+
+
+def test_unlabeled_fisher_for_qa_samples_positions_and_is_seeded():
+    model = tiny_model("bert", qa=True)
+    adapter = get_adapter(model)
+    batches = [inputs_of(b) for b in tiny_batches(2, qa=True)]
+    a = compute_fisher(model, adapter, batches, progress=False, importance="fisher_unlabeled",
+                       seed=3)
+    b = compute_fisher(model, adapter, batches, progress=False, importance="fisher_unlabeled",
+                       seed=3)
+    c = compute_fisher(model, adapter, batches, progress=False, importance="fisher_unlabeled",
+                       seed=4)
+    assert a.head_grads.shape[0] == 12 and torch.equal(a.head_grads, b.head_grads)
+    assert not torch.equal(a.head_grads, c.head_grads)
+    assert a.neuron_importance.sum() > 0
+
+
+def test_labelled_fisher_needs_labels():
+    from prune import PruneError
+
+    model = tiny_model("bert")
+    with pytest.raises(PruneError, match="fisher_unlabeled"):
+        compute_fisher(model, get_adapter(model), [inputs_of(tiny_batches(1)[0])],
+                       progress=False)

@@ -1,5 +1,5 @@
 import torch
-from conftest import inputs_of, outputs, tiny_batches, tiny_model
+from conftest import outputs, tiny_batches, tiny_model
 
 from prune import Masks, apply_masks, get_adapter
 
@@ -33,25 +33,38 @@ def test_masks_change_output_and_get_gradients_under_eager_and_sdpa(family):
         assert g_neuron is not None and g_neuron.abs().sum() > 0
 
 
-def test_head_mask_equals_removing_that_heads_context(family):
-    """Masking head h = zeroing its slice of the context before the output projection."""
+def scaled_value_and_down_weights(model, adapter, head_scale, neuron_scale):
+    """A copy of the model with head ``(l, k)``'s value rows (weight and bias) multiplied by
+    ``head_scale[l, k]`` and neuron ``(l, n)``'s down-projection column by
+    ``neuron_scale[l, n]``: a head's context is its attention-weighted values, so this scales
+    exactly that head's context, without any hook."""
+    import copy
+
+    other = copy.deepcopy(model)
+    dh = adapter.head_size
+    with torch.no_grad():
+        for l in range(adapter.num_layers):
+            value = adapter.module(other, l, "value")
+            rows = head_scale[l].repeat_interleave(dh)
+            value.weight.mul_(rows[:, None])
+            value.bias.mul_(rows)
+            adapter.module(other, l, "ffn_out").weight.mul_(neuron_scale[l][None, :])
+    return other
+
+
+def test_masks_equal_scaling_the_values_and_the_down_projection(family):
+    """Head mask m == the head's values scaled by m (0 removes the head's context); neuron mask
+    m == its down-projection column scaled by m: the hooks agree with weights edited by hand."""
     model = tiny_model(family)
     adapter = get_adapter(model)
     batch = tiny_batches(1)[0]
-    masks = Masks.ones(adapter)
+    g = torch.Generator().manual_seed(0)
+    masks = Masks((torch.rand(adapter.num_layers, adapter.num_heads, generator=g) * 2),
+                  (torch.rand(adapter.num_layers, adapter.intermediate_size, generator=g) * 2))
     masks.head[1, 2] = 0.0
-    dh = adapter.head_size
-
-    def zero_slice(module, args):
-        x = args[0].clone()
-        x[..., 2 * dh:3 * dh] = 0
-        return (x,)
-
-    handle = adapter.module(model, 1, "attn_out").register_forward_pre_hook(zero_slice)
-    try:
-        expected = outputs(model, batch)
-    finally:
-        handle.remove()
+    masks.neuron[0, :5] = 0.0
+    expected = outputs(scaled_value_and_down_weights(model, adapter, masks.head, masks.neuron),
+                       batch)
+    assert (expected - outputs(model, batch)).abs().max() > 1e-3, "the scaling must matter"
     with apply_masks(model, adapter, masks):
-        assert torch.allclose(outputs(model, batch), expected, atol=1e-6)
-    assert inputs_of(batch)
+        assert torch.allclose(outputs(model, batch), expected, atol=1e-5)

@@ -1,0 +1,64 @@
+"""The pipeline's own logic: sample splits for tuning, and the adaptive Fisher pass."""
+
+import torch
+from conftest import tiny_batches, tiny_model
+from test_run import FAST, run
+
+from prune import Masks, PruneOptions, adaptive_fisher, compute_fisher, flops_cost, get_adapter
+from prune.pipeline import masks_change, split_samples
+
+
+def test_split_samples_takes_the_first_for_tuning_and_the_next_for_holding_out():
+    batches = tiny_batches(4, batch=6)  # 24 samples
+    fit, held = split_samples(batches, 10, 5)
+    assert sum(b["input_ids"].shape[0] for b in fit) == 10
+    assert sum(b["input_ids"].shape[0] for b in held) == 5
+    flat = torch.cat([b["input_ids"] for b in batches])
+    assert torch.equal(torch.cat([b["input_ids"] for b in fit]), flat[:10])
+    assert torch.equal(torch.cat([b["input_ids"] for b in held]), flat[10:15])
+    fit, held = split_samples(batches, None, 4)  # nothing left after: carved from the end
+    assert sum(b["input_ids"].shape[0] for b in fit) == 20
+    assert torch.equal(torch.cat([b["input_ids"] for b in held]), flat[20:])
+    fit, held = split_samples(batches, 8, 0)
+    assert held == [] and sum(b["input_ids"].shape[0] for b in fit) == 8
+
+
+def test_masks_change_is_the_cost_weighted_share_of_units_that_moved():
+    cost = flops_cost(get_adapter(tiny_model("bert")), 10)
+    a = Masks(torch.ones(2, 4), torch.ones(2, 48))
+    b = a.clone()
+    assert masks_change(a, b, cost) == 0.0
+    b.neuron[0, 0] = 0.0
+    b.neuron[0, 1] = 0.0
+    a.neuron[0, 2] = 0.0
+    a.neuron[0, 3] = 0.0  # two neurons swapped for two others: 2 of the kept units moved
+    kept = 8 * cost.head_macs + 94 * cost.neuron_macs
+    assert masks_change(a, b, cost) == 2 * cost.neuron_macs / kept
+
+
+def test_adaptive_fisher_stops_when_the_masks_settle_and_never_past_the_ceiling():
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    batches = tiny_batches(12, batch=8)  # 96 samples
+    cost = flops_cost(adapter, 10)
+    opts = PruneOptions(constraint=0.5)
+    loose, info = adaptive_fisher(model, adapter, batches, cost, [0.5], opts, chunk=16,
+                                  tolerance=1.0, min_samples=32, progress=False)
+    assert info.samples == 32 and "changed by" in info.reason
+    strict, info = adaptive_fisher(model, adapter, batches, cost, [0.4, 0.6], opts, chunk=16,
+                                   tolerance=0.0, min_samples=32, progress=False)
+    assert info.samples == 96 and info.reason == "reached the sample ceiling"
+    assert len(info.changes) == 5  # checks at 32, 48, ..., 96 after the first at 16
+    full = compute_fisher(model, adapter, batches, progress=False)
+    assert torch.equal(strict.neuron_grads, full.neuron_grads)
+    assert torch.equal(loose.neuron_grads, full.neuron_grads[:4])  # the first 32 samples
+
+
+def test_adaptive_fisher_end_to_end_records_how_many_samples_and_why(tiny_checkpoints,
+                                                                     tmp_path):
+    fast = [o for o in FAST if not o.startswith("prune.num_samples")]
+    record = run([f"model.path={tiny_checkpoints['cls2']}", "prune.num_samples=auto",
+                  "prune.adaptive_chunk=64", "save_model=false", *fast], tmp_path)
+    adaptive = record["fisher_cache"]["adaptive"]
+    assert 512 <= adaptive["samples"] <= 2048 and adaptive["reason"]
+    assert record["num_samples"] == adaptive["samples"] == record["fisher_cache"]["samples"]
