@@ -42,3 +42,35 @@ def test_fully_kept_or_fully_pruned_layers_are_untouched():
     grads = torch.randn(4, 6)
     for kept in (torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)):
         assert torch.equal(greedy_rearrange(kept, grads), kept)
+
+
+def algorithm_2_as_written(kept: list[bool], grads: torch.Tensor) -> list[bool]:
+    """Algorithm 2 literally: P, the pruned set; visit the kept units in ascending diagonal
+    Fisher; add each to P, then drop from P the unit whose removal leaves the smallest
+    ||sum of P's gradients||^2 (summed over mini-batches), computed directly for every
+    candidate."""
+    n = len(kept)
+    importance = [float(grads[:, j].pow(2).sum()) for j in range(n)]
+    pruned = {j for j in range(n) if not kept[j]}
+    for j in sorted((j for j in range(n) if kept[j]), key=lambda j: importance[j]):
+        candidates = pruned | {j}
+        loss = {}
+        for i in candidates:
+            rest = [u for u in candidates if u != i]
+            total = grads[:, rest].sum(dim=1) if rest else torch.zeros(grads.shape[0])
+            loss[i] = float(total.double().pow(2).sum())
+        best = min(loss, key=loss.get)
+        pruned = candidates - {best}
+    return [j not in pruned for j in range(n)]
+
+
+def test_greedy_rearrange_equals_algorithm_2_as_the_paper_writes_it():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        n = 6 + trial % 7
+        grads = torch.randn(5, n, generator=g)
+        kept = (torch.rand(n, generator=g) > 0.5).tolist()
+        if all(kept) or not any(kept):
+            continue
+        ours = greedy_rearrange(torch.tensor(kept), grads).tolist()
+        assert ours == algorithm_2_as_written(kept, grads), trial
