@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import numpy as np
 import torch
 from torch import nn
@@ -12,25 +9,14 @@ from tqdm.auto import tqdm
 
 from experiments.data import TaskSpec
 from experiments.metrics import compute_metrics
-from prune.fisher import to_device
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[torch.device]:
-    """Eval mode inside the block (training mode restored after); yields the model's device."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield next(model.parameters()).device
-    finally:
-        model.train(was_training)
+from prune.runtime import eval_mode, to_device
 
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: list[dict], progress: bool = False):
     """Logits and gold labels over ``batches``, in batch order."""
     logits, labels = [], []
-    with _eval_mode(model) as device:
+    with eval_mode(model) as device:
         for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
             inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
             logits.append(model(**inputs).logits.float().cpu())
@@ -49,7 +35,7 @@ def evaluate(model: nn.Module, batches: list[dict], spec: TaskSpec,
 def predict_qa(model: nn.Module, batches: list[dict], progress: bool = False):
     """Unpadded start and end logits per feature, in batch order."""
     starts, ends = [], []
-    with _eval_mode(model) as device:
+    with eval_mode(model) as device:
         for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
             out = model(**to_device(batch, device))
             lengths = batch["attention_mask"].sum(dim=1).tolist()

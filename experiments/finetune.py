@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from experiments.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
 from experiments.evaluation import evaluate
+from experiments.records import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,11 @@ def finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig
     model.eval()
     order = np.argsort(dev.lengths())
     metrics = evaluate(model, make_batches(dev, order, 128), spec)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     info = {"base": base, "task": spec.name, "dev": metrics, "steps": steps,
             "seconds": time.perf_counter() - start, "config": asdict(cfg), "key": key}
-    (tmp / "finetune.json").write_text(json.dumps(info, indent=2, default=str))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "finetune.json").write_text(json.dumps(info, indent=2, default=str))
     log.info("fine-tuned %s on %s in %.0f s: dev %s", base, spec.name, info["seconds"], metrics)
     return out_dir

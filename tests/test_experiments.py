@@ -227,3 +227,19 @@ def test_demo_fine_tune_cache_is_keyed_on_weights_and_data(tmp_path):
     fixed = TaskSpec(**{**spec.__dict__, "local_dir": str(tmp_path / "fixed")})
     assert finetune_key(str(base), fixed, FinetuneConfig()) != key
     assert finetune_key(str(base), spec, FinetuneConfig(epochs=2)) != key
+
+
+def test_masks_and_cost_length_do_not_depend_on_the_evaluation_subset(tiny_checkpoints,
+                                                                       tmp_path):
+    """The cost model's length is measured once on the whole dev set: evaluating on a subset
+    (or another seed's subset) changes neither it nor the masks; both lengths are recorded."""
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false",
+            f"paths.cache_dir={tmp_path}/cache", *FAST]
+    a = run([*base, "eval.max_samples=32"], tmp_path / "a")
+    b = run([*base, "eval.max_samples=200"], tmp_path / "b")
+    assert a["num_eval"] == 32 and b["num_eval"] == 200
+    assert a["seq_len"] == b["seq_len"] == a["seq_len_measured"]
+    assert a["seq_len_official"] == 25.16
+    assert a["masks"] == b["masks"] and a["flops"] == b["flops"]
+    official = run([*base, "prune.seq_len=official"], tmp_path / "c")
+    assert official["seq_len"] == 25.16 and official["seq_len_measured"] == a["seq_len"]
