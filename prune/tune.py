@@ -540,41 +540,41 @@ class _Tuner:
         fit, held = moments["fit"], moments.get("holdout")
         current = Solution(proj.weight.double().cpu(), torch.zeros_like(fit.sr),
                            proj.scales.double().cpu())
-        candidates = self._candidates(part, proj, fit)
-        reason = candidates if isinstance(candidates, str) else None
+        candidates, reason = self._candidates(part, proj, current, fit)
         if reason is not None:
-            log.warning("tuning layer %d %s: %s; keeping its previous values", l, part, reason)
-            candidates = {"scales": current}
+            rest = [k for k in candidates if k != "scales"]
+            log.warning("tuning layer %d %s: %s; %s", l, part, reason,
+                        f"trying {', '.join(rest)}" if rest else "keeping its previous values")
         name = self._choose(l, part, candidates, held)
         chosen = candidates[name]
         self.stats.fits.append(LayerFit(
             l, part, fit.error(current.weight, current.beta),
             fit.error(chosen.weight, chosen.beta),
             held.error(current.weight, current.beta) if held else None,
-            held.error(chosen.weight, chosen.beta) if held else None, reason, fit.n, name,
+            held.error(chosen.weight, chosen.beta) if held else None,
+            reason if chosen is current else None, fit.n, name,
             {k: held.error(c.weight, c.beta) for k, c in candidates.items()} if held else {}))
-        return self._apply(l, part, proj, chosen), reason is None
+        return self._apply(l, part, proj, chosen), chosen is not current
 
-    def _candidates(self, part: str, proj: Projection,
-                    fit: Moments) -> dict[str, Solution] | str:
-        """The mode's solutions, simplest first: scales, then scales and bias, then weights
-        (anchored at the bias solution); a string says why even the scales failed."""
+    def _candidates(self, part: str, proj: Projection, current: Solution,
+                    fit: Moments) -> tuple[dict[str, Solution], str | None]:
+        """The mode's solutions, simplest first (scales, scales and bias, then weights anchored
+        at the best of those), and why the scale solve failed if it did. A failed scale solve
+        leaves the current values in its place; the other modes are still tried."""
         opts = self.options
         bias_column = opts.bias_column and part == "attn" and opts.mode == "mask"
         scales = solve_masks(fit, proj, opts, with_bias=False, bias_column=bias_column)
-        if isinstance(scales, str):
-            return scales
-        out = {"scales": scales}
+        reason = scales if isinstance(scales, str) else None
+        out = {"scales": current if reason else scales}
         if opts.mode in ("bias", "weights"):
             with_bias = solve_masks(fit, proj, opts, with_bias=True)
             if not isinstance(with_bias, str):
                 out["bias"] = with_bias
         if opts.mode == "weights":
-            anchor = out.get("bias", scales)
-            free = solve_weights(fit, anchor, opts.weight_damp)
+            free = solve_weights(fit, out.get("bias", out["scales"]), opts.weight_damp)
             if free is not None:
                 out["weights"] = free
-        return out
+        return out, reason
 
     def _choose(self, l: int, part: str, candidates: dict[str, Solution],
                 held: Moments | None) -> str:
