@@ -243,3 +243,17 @@ def test_masks_and_cost_length_do_not_depend_on_the_evaluation_subset(tiny_check
     assert a["masks"] == b["masks"] and a["flops"] == b["flops"]
     official = run([*base, "prune.seq_len=official"], tmp_path / "c")
     assert official["seq_len"] == 25.16 and official["seq_len_measured"] == a["seq_len"]
+
+
+def test_unlabeled_text_file_is_a_sample_set(tiny_checkpoints, tmp_path):
+    """Label-free pruning from a plain text file (one example per line): the Fisher under the
+    model's own predictions, one row per sample; the data's labels are not needed."""
+    lines = [line.split("\t")[0] for line in
+             (SHARED / "glue" / "SST-2" / "dev.tsv").read_text().split("\n")[1:200] if line]
+    text = tmp_path / "unlabeled.txt"
+    text.write_text("\n".join(lines) + "\n")
+    record = run([f"model.path={tiny_checkpoints['cls2']}", "prune.importance=fisher_unlabeled",
+                  f"prune.sample_file={text}", "save_model=false", *FAST], tmp_path / "run")
+    assert record["fisher_cache"]["rows"] == "sample" and record["num_samples"] == 64
+    assert record["identity"]["data"]["sample_file"]  # the file's content is in the identity
+    assert record["flops"]["ratio"] <= 0.6 + 1e-9
