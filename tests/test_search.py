@@ -120,17 +120,17 @@ def test_search_on_a_real_adapter_cost():
 
 
 def official_flops_loop(head_imp, neuron_imp, cost, constraint):
-    """The official code's loop, as described in METHOD.md (our own transcription): from one
-    head upwards, the rest of the budget to the top neurons, where a negative neuron count is
-    used as a Python slice bound."""
+    """The official code's loop (our own transcription of its logic): from one head upwards,
+    the rest of the budget to the top neurons, a negative rest clamped to zero neurons, so the
+    heads alone may exceed the budget."""
     heads = torch.sort(head_imp.flatten(), descending=True).values
     neurons = torch.sort(neuron_imp.flatten(), descending=True).values
     budget, best, pick = constraint * cost.full, 0.0, None
     for h in range(1, heads.numel() + 1):
-        n = int((budget - h * cost.head_macs) / cost.neuron_macs)
+        n = max(int((budget - h * cost.head_macs) / cost.neuron_macs), 0)
         value = float(heads[:h].sum() + neurons[:n].sum())
         if value > best:
-            best, pick = value, (h, len(range(neurons.numel())[:n]))
+            best, pick = value, (h, n)
     return pick
 
 
