@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,26 +223,36 @@ def prepare(cfg: DictConfig, out_dir: Path) -> Plan:
 
 
 def claim(out_dir: Path) -> Path | None:
-    """Claim ``out_dir`` for this process (a lock file holding its pid); ``None`` if another
-    live process holds it. A lock left by a dead process is taken over."""
+    """Claim ``out_dir`` for this process (a lock file holding its host and pid); ``None`` if
+    another live process holds it. A lock left by a dead process of this host is taken over;
+    one of another host (a shared file system) is respected."""
     lock = out_dir / ".lock"
+    me = f"{socket.gethostname()}:{os.getpid()}"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, PermissionError, OSError) as err:
-                if isinstance(err, PermissionError):
-                    return None  # alive, another user's
-                lock.unlink(missing_ok=True)
-                continue
-            return None
+            if _holder_alive(lock):
+                return None
+            lock.unlink(missing_ok=True)
+            continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(me)
         return lock
     return None
+
+
+def _holder_alive(lock: Path) -> bool:
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(":")
+        if host and host != socket.gethostname():
+            return True  # cannot see another host's processes
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True  # alive, another user's
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def recheck(plan: Plan) -> None:

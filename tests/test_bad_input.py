@@ -395,6 +395,15 @@ def test_live_lock_skips_the_run(tiny_checkpoints, tmp_path, no_weights, caplog)
     assert (env.out / ".lock").read_text() == str(os.getpid())
 
 
+def test_lock_of_another_host_is_respected(tiny_checkpoints, tmp_path, no_weights):
+    """On a shared file system a pid of another host cannot be checked: the lock stands."""
+    env = Env(tiny_checkpoints, tmp_path)
+    env.out.mkdir()
+    (env.out / ".lock").write_text("some-other-node:999999")
+    assert lean_run(env) is None
+    assert (env.out / ".lock").read_text() == "some-other-node:999999"
+
+
 def test_run_finished_by_another_process_while_waiting_for_the_lock_is_not_redone(
         tiny_checkpoints, tmp_path, no_weights, monkeypatch):
     env = Env(tiny_checkpoints, tmp_path)
