@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 
 from experiments.data import SAMPLING, TaskSpec
 from experiments.errors import RunError
@@ -174,6 +175,31 @@ def validate(cfg) -> list[float]:
     if cfg.logger.kind not in ("none", "wandb"):
         raise RunError(f"logger.kind={cfg.logger.kind!r}: use logger=none or logger=wandb")
     return constraints
+
+
+
+class WritableOutput(Callback):
+    """Stop with one line, before Hydra creates its run (or sweep) directory, when that
+    directory cannot be written (instead of Hydra's traceback)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(directory) -> None:
+        import logging
+        import sys
+
+        from experiments.records import check_writable
+
+        try:
+            check_writable(directory)
+        except RunError as err:
+            logging.getLogger("fastprune").error("error: %s", err)
+            sys.exit(2)
 
 
 register()

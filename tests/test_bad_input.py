@@ -461,3 +461,14 @@ def test_cli_exit_code_and_one_line(tmp_path, case, args, code, message):
     if code == 2:  # ours: exactly one line
         (line,) = out.strip().splitlines()
         assert "[ERROR]" in line and message in line
+
+
+def test_cli_unwritable_run_directory_stops_before_hydra_creates_it(tmp_path):
+    """Hydra creates the run directory itself: a callback checks it first (one line, exit 2)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    res, _ = cli(f"hydra.run.dir={blocker}/run")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2 and "Traceback" not in out
+    (line,) = out.strip().splitlines()
+    assert "cannot write to the run directory" in line and "hydra.run.dir" in line
