@@ -1,5 +1,6 @@
 """The pipeline's own logic: sample splits for tuning, and the adaptive Fisher pass."""
 
+import pytest
 import torch
 from conftest import tiny_batches, tiny_model
 from test_run import FAST, run
@@ -44,11 +45,11 @@ def test_adaptive_fisher_stops_when_the_masks_settle_and_never_past_the_ceiling(
     opts = PruneOptions(constraint=0.5)
     loose, info = adaptive_fisher(model, adapter, batches, cost, [0.5], opts, chunk=16,
                                   tolerance=1.0, min_samples=32, progress=False)
-    assert info.samples == 32 and "changed by" in info.reason
+    assert info.samples == 32 and "lose" in info.reason
     strict, info = adaptive_fisher(model, adapter, batches, cost, [0.4, 0.6], opts, chunk=16,
                                    tolerance=0.0, min_samples=32, progress=False)
     assert info.samples == 96 and info.reason == "reached the sample ceiling"
-    assert len(info.changes) == 5  # checks at 32, 48, ..., 96 after the first at 16
+    assert len(info.regret) == len(info.churn) == 5  # checks at 32, 48, ..., 96
     full = compute_fisher(model, adapter, batches, progress=False)
     assert torch.equal(strict.neuron_grads, full.neuron_grads)
     assert torch.equal(loose.neuron_grads, full.neuron_grads[:4])  # the first 32 samples
@@ -62,3 +63,17 @@ def test_adaptive_fisher_end_to_end_records_how_many_samples_and_why(tiny_checkp
     adaptive = record["fisher_cache"]["adaptive"]
     assert 512 <= adaptive["samples"] <= 2048 and adaptive["reason"]
     assert record["num_samples"] == adaptive["samples"] == record["fisher_cache"]["samples"]
+
+
+def test_regret_is_the_importance_the_previous_masks_lose_under_the_current_estimate():
+    from prune import Fisher
+    from prune.pipeline import regret, retained
+
+    heads = torch.tensor([[[3.0, 1.0]]])  # one row, one layer, two heads: importance 9, 1
+    neurons = torch.tensor([[[2.0, 0.0, 1.0]]])  # importance 4, 0, 1
+    fisher = Fisher(heads, neurons, 1)
+    best = Masks(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    worse = Masks(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert retained(best, fisher) == 13 / 15 and retained(worse, fisher) == 5 / 15
+    assert regret(best, best, fisher) == 0.0
+    assert regret(worse, best, fisher) == pytest.approx(1 - 5 / 13)
