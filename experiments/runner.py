@@ -61,7 +61,7 @@ from experiments.tracking import log_record
 from prune import Fisher, PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
 from prune.fisher import FISHER_VERSION, autocast_dtype, compute_fisher
 from prune.latency import compare_latency, latency_cost, measure_latency
-from prune.pipeline import adaptive_fisher, timed
+from prune.pipeline import ADAPTIVE_RULE, adaptive_fisher, timed
 
 log = logging.getLogger("fastprune")
 
@@ -332,7 +332,7 @@ def fisher_key(plan: Plan, loaded: Loaded) -> dict:
                         next(loaded.model.parameters()).dtype),
            "version": FISHER_VERSION, "transformers": versions()["transformers"]}
     if cfg.prune.num_samples == "auto":
-        key["adaptive"] = {"chunk": cfg.prune.adaptive_chunk,
+        key["adaptive"] = {"rule": ADAPTIVE_RULE, "chunk": cfg.prune.adaptive_chunk,
                            "tolerance": cfg.prune.adaptive_tolerance,
                            "constraints": plan.constraints, "kind": cfg.constraint_kind,
                            "seq_len": loaded.seq_len,

@@ -254,6 +254,9 @@ def regret(previous: Masks, current: Masks, fisher: Fisher) -> float:
     return max(1.0 - retained(previous, fisher) / now, 0.0) if now > 0 else 0.0
 
 
+ADAPTIVE_RULE = 2  # bump when the stopping rule changes (caches of adaptive passes key on it)
+
+
 def adaptive_fisher(
     model: nn.Module,
     adapter: Adapter,
