@@ -14,7 +14,7 @@ export WANDB_MODE ?= disabled
 	sweep-base bench
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -55,10 +55,15 @@ clean:  ## remove caches and run outputs (keeps .venv and the fine-tuned demo mo
 tables: install  ## regenerate tables (md, tex) and figures (png) from outputs/ into analysis/out/
 	$(BIN)/python -m analysis.make_tables --results outputs --out analysis/out
 
-sweep-cpu: install  ## the CPU-sized sweeps on the embedded default (main, ablation, samples)
-	$(BIN)/python run.py -m experiment=main_cpu
-	$(BIN)/python run.py -m experiment=ablation_cpu
-	$(BIN)/python run.py -m experiment=samples_cpu
+CPU_SWEEPS := departures_cpu weights_damp_cpu main_cpu ablation_cpu latency_cpu unlabeled_cpu \
+	adaptive_cpu
+BASE_SWEEPS := base_mpnet ablation_mpnet adaptive_mpnet
+
+sweep-cpu: install  ## the demo's sweeps behind the README's tables (3 seeds; about 3 hours)
+	for s in $(CPU_SWEEPS); do $(BIN)/python run.py -m experiment=$$s progress=false || exit 1; done
+
+sweep-base: install mpnet-weights  ## the base-size (MPNet) sweeps behind the README (about 4 hours)
+	for s in $(BASE_SWEEPS); do $(BIN)/python run.py -m experiment=$$s progress=false || exit 1; done
 
 bench: install  ## pruning time vs its floor, memory, pruned-model speed (outputs/bench/)
 	$(BIN)/python -m experiments.bench
