@@ -117,7 +117,9 @@ def adaptive_table(runs: pd.DataFrame, full: int = 2048) -> pd.DataFrame:
     if sel.empty:
         return pd.DataFrame()
     sel = sel[sel["num_samples_setting"].isin(["auto", str(full)])]
-    sel = comparisons(sel, "num_samples_setting", ("settings.prune.num_samples",), "auto")
+    # an adaptive run's identity also names the constraints it watched; a fixed run has none
+    sel = comparisons(sel, "num_samples_setting",
+                      ("settings.prune.num_samples", "adaptive_constraints"), "auto")
     if sel.empty:
         return pd.DataFrame()
     index = index_of(sel, ["model", "task", "metric"], ["constraint"])

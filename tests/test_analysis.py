@@ -354,6 +354,8 @@ def test_adaptive_table(tmp_path):
         for c in (0.4, 0.6):
             runs[f"auto{s}-{c}"] = record(seed=s, constraint=c, prune=auto, fisher=fisher,
                                           pruned=0.80 if c == 0.4 else 0.85 + 0.01 * s)
+            # as the runner writes it: an adaptive run names the constraints it watched
+            runs[f"auto{s}-{c}"]["identity"]["adaptive_constraints"] = [0.4, 0.6]
             runs[f"full{s}-{c}"] = record(seed=s, constraint=c, fisher=hit,
                                           pruned=0.80 if c == 0.4 else 0.87 + 0.01 * s)
         # the 2048-sample Fisher of this seed was computed (and cached) by another sweep's run
