@@ -294,6 +294,18 @@ def main() -> None:
             args.one, samples, 128, [0.4, 0.5, 0.6], [c for c in counts if c >= 32],
             min_run_time)))
         return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "bench" + ("-full" if args.full else "") + ("-quick" if args.quick else "")
+    if sorted(args.models) != sorted(MODELS):  # a subset does not overwrite the whole-bench file
+        stem += "-" + "-".join(args.models)
+
+    def write(results: list[dict], family: dict | None) -> None:
+        """Written after every part, so that a later failure keeps what has finished."""
+        (out / f"{stem}.json").write_text(json.dumps({"models": results, "family": family},
+                                                     indent=2))
+        (out / f"{stem}.md").write_text(table(results, family))
+
     results = []
     for name in args.models:  # one process per model: peak memory is per model
         cmd = [sys.executable, "-m", "experiments.bench", "--one", name]
@@ -302,19 +314,14 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, cwd=ROOT)
         line = [l for l in res.stdout.splitlines() if l.startswith("BENCH-JSON ")]
         if res.returncode != 0 or not line:
-            sys.exit(f"bench of {name} failed:\n{res.stderr[-3000:]}")
+            sys.exit(f"bench of {name} failed (finished parts are in {out / stem}.md):\n"
+                     f"{res.stderr[-3000:]}")
         note = "" if args.full else MODELS[name].get("note", "")
         results.append({**json.loads(line[0][len("BENCH-JSON "):]), "note": note})
+        write(results, None)
         print(f"{name}: done", flush=True)
     family = None if args.no_family else family_bench(args.quick)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench" + ("-full" if args.full else "") + ("-quick" if args.quick else "")
-    if sorted(args.models) != sorted(MODELS):  # a subset does not overwrite the whole-bench file
-        stem += "-" + "-".join(args.models)
-    (out / f"{stem}.json").write_text(json.dumps({"models": results, "family": family},
-                                                 indent=2))
-    (out / f"{stem}.md").write_text(table(results, family))
+    write(results, family)
     print(table(results, family))
     for r in results:
         if r.get("note"):
