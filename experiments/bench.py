@@ -301,10 +301,13 @@ def main() -> None:
         stem += "-" + "-".join(args.models)
 
     def write(results: list[dict], family: dict | None) -> None:
-        """Written after every part, so that a later failure keeps what has finished."""
-        (out / f"{stem}.json").write_text(json.dumps({"models": results, "family": family},
-                                                     indent=2))
-        (out / f"{stem}.md").write_text(table(results, family))
+        """Written (atomically) after every part, so that a later failure keeps what has
+        finished."""
+        from experiments.records import write_atomic, write_json_atomic
+
+        write_json_atomic(out / f"{stem}.json", {"models": results, "family": family})
+        text = table(results, family)
+        write_atomic(out / f"{stem}.md", lambda tmp: tmp.write_text(text))
 
     results = []
     for name in args.models:  # one process per model: peak memory is per model
