@@ -125,12 +125,12 @@ def latency_table_key(model: nn.Module, adapter: Adapter, batch_size: int, seq_l
             "family": adapter.family, "layers": adapter.num_layers, "heads": adapter.num_heads,
             "hidden": adapter.hidden_size, "ffn": adapter.intermediate_size,
             "batch_size": batch_size, "seq_len": seq_len, "points": points,
-            "min_run_time": min_run_time, "torch": torch.__version__, "version": 2}
+            "min_run_time": min_run_time, "torch": torch.__version__, "version": 3}
 
 
 def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Path | None,
                          batch_size: int = 32, seq_len: int = 128, points: int = 8,
-                         min_run_time: float = 0.5) -> LatencyTable:
+                         min_run_time: float = 1.0) -> LatencyTable:
     """The table of this machine, model shape and measurement settings: cached or measured."""
     key = latency_table_key(model, adapter, batch_size, seq_len, points, min_run_time)
     path = Path(cache_dir) / f"latency-{key_hash(key)}.json" if cache_dir is not None else None

@@ -65,7 +65,7 @@ class LatencyConf:
     seq_len: int = 128
     min_run_time: float = 5.0  # seconds of timed forward passes per measurement
     table_points: int = 8  # grid points per curve of the latency lookup table
-    table_min_run_time: float = 0.5  # seconds per grid point
+    table_min_run_time: float = 1.0  # seconds of timed whole-model passes per grid point
 
 
 @dataclass

@@ -13,6 +13,7 @@ from experiments.caches import cached_latency_table, latency_table_key
 from experiments.errors import RunError
 from prune import get_adapter
 from prune.latency import (
+    Latency,
     LatencyTable,
     build_latency_table,
     fit_piecewise,
@@ -31,20 +32,28 @@ def test_piecewise_fit_recovers_flat_then_linear():
     assert curve(0) == 0.0  # no unit, no cost
 
 
-def fake_table() -> LatencyTable:
+def fake_table(full: float = 26.5) -> LatencyTable:
     return LatencyTable(heads=[1, 2, 3, 4], attn=[2.0, 2.0, 3.0, 4.0], neurons=[4, 8, 12, 16],
-                        ffn=[1.0, 2.0, 3.0, 4.0], layer_base=0.5, fixed=1.0, full=0.0,
+                        ffn=[1.0, 2.0, 3.0, 4.0], empty=2.5, full=full,
                         num_layers=3, num_heads=4, num_neurons=16)
 
 
 def test_latency_cost_predicts_from_the_table():
     cost = latency_cost(fake_table())
-    # fixed + 3 empty layers + 3 x (attention with 4 heads + FFN with 16 neurons)
+    # the emptied model + 3 x (attention with 4 heads + FFN with 16 neurons)
     assert cost.full == pytest.approx(1.0 + 3 * 0.5 + 3 * (4.0 + 4.0))
     assert cost.total([0, 0, 0], [0, 0, 0]) == pytest.approx(2.5)
     assert cost.total([1, 0, 0], [0, 0, 0]) == pytest.approx(2.5 + 2.0)  # the flat part
     assert LatencyTable.from_dict(json.loads(json.dumps(fake_table().to_dict()))) == \
         fake_table()
+
+
+def test_latency_cost_spreads_the_measured_remainder_over_the_curves():
+    # the unpruned model measures 10% more than the emptied model plus its parts
+    cost = latency_cost(fake_table(full=2.5 + 1.1 * 24.0))
+    assert cost.full == pytest.approx(2.5 + 1.1 * 24.0)  # exact at the measured full model
+    assert cost.total([0, 0, 0], [0, 0, 0]) == pytest.approx(2.5)  # and at the emptied one
+    assert cost.total([1, 0, 0], [0, 0, 0]) == pytest.approx(2.5 + 1.1 * 2.0)
 
 
 def test_table_round_trips_from_cache_and_every_setting_is_in_its_key(tmp_path, monkeypatch):
@@ -95,6 +104,34 @@ def test_measured_table_is_monotone_and_latency_is_positive():
     assert np.all(np.diff(cost.ffn(np.arange(257))) >= 0)
     lat = measure_latency(model, batch_size=4, seq_len=32, min_run_time=0.05)
     assert 0 < lat.median and lat.iqr >= 0 and lat.measurements >= 1
+
+
+def test_table_times_whole_models_and_recovers_a_known_latency(monkeypatch):
+    """The table times whole physically pruned models (every layer alike); with a timer whose
+    answer is a known function of the units kept it recovers that function."""
+    model = tiny_model("bert", layers=3, heads=4, hidden=32, ffn=64)
+    adapter = get_adapter(model)
+    timed = []
+
+    def fake_latency(m, batch_size, seq_len, min_run_time):
+        heads, neurons = adapter.heads_per_layer(m), adapter.neurons_per_layer(m)
+        timed.append((heads, neurons))
+        both = sum(1 for h, n in zip(heads, neurons, strict=True) if h and n)
+        seconds = 1.0 + 0.5 * sum(heads) + 0.01 * sum(neurons) + 0.2 * both
+        return Latency(seconds, 0.0, 1)
+
+    monkeypatch.setattr("prune.latency.measure_latency", fake_latency)
+    table = build_latency_table(model, adapter, batch_size=2, seq_len=8, points=4)
+    assert all(len(set(h)) == 1 and len(set(n)) == 1 for h, n in timed)  # uniform models
+    assert ([0] * 3, [0] * 3) in timed and ([4] * 3, [64] * 3) in timed  # emptied and full
+    assert adapter.heads_per_layer(model) == [4] * 3  # the model itself is left whole
+    cost = latency_cost(table)
+    assert table.empty == pytest.approx(1.0)
+    assert cost.full == pytest.approx(1.0 + 3 * (2.0 + 0.64 + 0.2))
+    scale = (3 * 2.84) / (3 * 2.64)  # the attention-with-FFN remainder, spread in proportion
+    assert cost.attn.slope == pytest.approx(0.5 * scale)
+    assert cost.ffn.slope == pytest.approx(0.01 * scale)
+    assert cost.total([2, 0, 4], [0, 0, 0]) == pytest.approx(1.0 + 3.0 * scale)
 
 
 def test_latency_constrained_run_end_to_end(tmp_path):
