@@ -17,12 +17,13 @@ Mask tuning uses the first 512 samples (the library default); Fisher and the flo
 them. The base-size models run 512 samples by default (``--full``: 2,048) and the table adds the
 ratio projected to 2,048 samples (Fisher and the floor are linear in the samples, tuning capped).
 
-Part 2 (``--family``, part of the default run): the real command line on the demo task, timed
-end to end: one single run, four single runs (constraints 0.4 / 0.5 / 0.6 / 0.7, each with its
-own Fisher pass), and one family run of the same four constraints (one Fisher pass, one
-baseline evaluation).
+Part 2 (part of the default run; ``--family-only`` runs it alone): the real command line on
+the demo task, timed end to end: one single run, four single runs (constraints 0.4 / 0.5 /
+0.6 / 0.7, each with its own Fisher pass), and one family run of the same four constraints (one
+Fisher pass, one baseline evaluation).
 
-    python -m experiments.bench [--quick] [--full] [--models minilm ...] [--no-family]
+    python -m experiments.bench [--quick] [--full] [--models minilm ...]
+                                [--no-family | --family-only]
 """
 
 from __future__ import annotations
@@ -208,7 +209,9 @@ def scaling(model, adapter, batches, cost, counts, main, samples) -> dict:
 
 def family_bench(quick: bool) -> dict:
     """The command line on the demo task, timed end to end: 1 single run, 4 single runs and
-    one family run of the same 4 constraints (every Fisher pass computed, none cached)."""
+    one family run of the same 4 constraints (every Fisher pass computed, none cached); once
+    as run by default (timing the latency of every model, 5 s each) and once without
+    (``latency.enabled=false``), which leaves the cost of pruning alone."""
     constraints = [0.4, 0.5, 0.6, 0.7]
     extra = ["prune.fisher_cache_dir=null", "progress=false", "save_model=true"]
     if quick:
@@ -216,25 +219,43 @@ def family_bench(quick: bool) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
-    def timed_run(constraint: str) -> float:
+    def timed_run(constraint: str, options: list[str]) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             res = subprocess.run([sys.executable, "run.py", "model=minilm", "task=sst2",
-                                  f"constraint={constraint}", f"hydra.run.dir={tmp}", *extra],
-                                 cwd=ROOT, env=env, capture_output=True, text=True)
+                                  f"constraint={constraint}", f"hydra.run.dir={tmp}", *extra,
+                                  *options], cwd=ROOT, env=env, capture_output=True, text=True)
             if res.returncode != 0:
                 sys.exit(f"bench run failed:\n{res.stderr[-3000:]}")
             return time.perf_counter() - start
 
-    singles = [timed_run(str(c)) for c in constraints]
-    family = timed_run("[" + ",".join(str(c) for c in constraints) + "]")
-    return {"constraints": constraints, "single_runs": singles, "one_run": singles[0],
-            "four_runs": sum(singles), "family": family,
-            "family_over_one_run": family / singles[0],
-            "family_over_four_runs": family / sum(singles)}
+    out = {"constraints": constraints}
+    for name, options in (("latency timed", []), ("latency off", ["latency.enabled=false"])):
+        singles = [timed_run(str(c), options) for c in constraints]
+        family = timed_run("[" + ",".join(str(c) for c in constraints) + "]", options)
+        out[name] = {"single_runs": singles, "one_run": singles[0], "four_runs": sum(singles),
+                     "family": family, "family_over_one_run": family / singles[0],
+                     "family_over_four_runs": family / sum(singles)}
+    return out
 
 
 def table(results: list[dict], family: dict | None) -> str:
+    lines = [] if not results else model_tables(results)
+    if family:
+        lines += ["", "| demo (MiniLM, SST-2), whole command | latency | seconds | "
+                  "ratio to one run |", "|---|---|---|---|"]
+        for name, f in family.items():
+            if not isinstance(f, dict):
+                continue
+            lines += [f"| one single run (constraint 0.4) | {name} | {f['one_run']:.1f} | 1.00 |",
+                      f"| four single runs (0.4/0.5/0.6/0.7) | {name} | {f['four_runs']:.1f} | "
+                      f"{f['four_runs'] / f['one_run']:.2f} |",
+                      f"| one family run of the same four | {name} | {f['family']:.1f} | "
+                      f"{f['family_over_one_run']:.2f} |"]
+    return "\n".join(lines).strip() + "\n"
+
+
+def model_tables(results: list[dict]) -> list[str]:
     lines = ["| model | weights | samples | tuning | floor s | Fisher s | search s | "
              "rearrange s | tune s | physical s | total s | total/floor | at 2,048 "
              "(projected) | peak RSS GB |", "|" + "---|" * 14]
@@ -263,15 +284,7 @@ def table(results: list[dict], family: dict | None) -> str:
         for n, s in sorted(r["scaling"].items(), key=lambda kv: int(kv[0])):
             lines.append(f"| {r['model']} | {n} | {s['fisher']:.1f} | {s['tune']:.1f} | "
                          f"{s['total']:.1f} | {1e3 * s['total'] / int(n):.1f} |")
-    if family:
-        lines += ["", "| demo (MiniLM, SST-2), whole command | seconds | ratio to one run |",
-                  "|---|---|---|",
-                  f"| one single run (constraint 0.4) | {family['one_run']:.1f} | 1.00 |",
-                  f"| four single runs (0.4/0.5/0.6/0.7) | {family['four_runs']:.1f} | "
-                  f"{family['four_runs'] / family['one_run']:.2f} |",
-                  f"| one family run of the same four | {family['family']:.1f} | "
-                  f"{family['family_over_one_run']:.2f} |"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -281,6 +294,8 @@ def main() -> None:
                         help="every model with 2,048 samples (BERT-base: about an hour here)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--no-family", action="store_true", help="skip the family timing")
+    parser.add_argument("--family-only", action="store_true",
+                        help="only the family timing (no per-model part)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = parser.parse_args()
@@ -297,8 +312,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench" + ("-full" if args.full else "") + ("-quick" if args.quick else "")
-    if sorted(args.models) != sorted(MODELS):  # a subset does not overwrite the whole-bench file
-        stem += "-" + "-".join(args.models)
+    if args.family_only and args.no_family:
+        sys.exit("--family-only and --no-family leave nothing to run; drop one")
+    models = [] if args.family_only else args.models
+    if args.family_only:
+        stem += "-family"
+    elif sorted(models) != sorted(MODELS):  # a subset does not overwrite the whole-bench file
+        stem += "-" + "-".join(models)
 
     def write(results: list[dict], family: dict | None) -> None:
         """Written (atomically) after every part, so that a later failure keeps what has
@@ -310,7 +330,7 @@ def main() -> None:
         write_atomic(out / f"{stem}.md", lambda tmp: tmp.write_text(text))
 
     results = []
-    for name in args.models:  # one process per model: peak memory is per model
+    for name in models:  # one process per model: peak memory is per model
         cmd = [sys.executable, "-m", "experiments.bench", "--one", name]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--full"] if args.full else []
