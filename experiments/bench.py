@@ -299,6 +299,8 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench"))
     args = parser.parse_args()
+    if args.family_only and args.no_family:
+        sys.exit("--family-only and --no-family leave nothing to run; drop one")
     scale = 8 if args.quick else 1
     min_run_time = 0.5 if args.quick else 5.0
     if args.one:
@@ -312,8 +314,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "bench" + ("-full" if args.full else "") + ("-quick" if args.quick else "")
-    if args.family_only and args.no_family:
-        sys.exit("--family-only and --no-family leave nothing to run; drop one")
     models = [] if args.family_only else args.models
     if args.family_only:
         stem += "-family"
