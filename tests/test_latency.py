@@ -134,6 +134,21 @@ def test_table_times_whole_models_and_recovers_a_known_latency(monkeypatch):
     assert cost.total([2, 0, 4], [0, 0, 0]) == pytest.approx(1.0 + 3.0 * scale)
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "xlm-roberta", "electra",
+                                    "mpnet"])
+def test_table_is_measured_on_every_family(family):
+    """Every architecture's uniformly pruned copies run (MPNet's position bias follows its
+    heads), and the original model is left whole."""
+    model = tiny_model(family, layers=2, heads=4, hidden=32, ffn=64)
+    adapter = get_adapter(model)
+    table = build_latency_table(model, adapter, batch_size=2, seq_len=8, points=2,
+                                min_run_time=0.01)
+    assert table.heads == [1, 4] and table.neurons == [32, 64]
+    assert table.empty > 0 and table.full > 0 and min(table.attn + table.ffn) >= 0
+    assert adapter.heads_per_layer(model) == [4, 4]
+    assert adapter.neurons_per_layer(model) == [64, 64]
+
+
 def test_latency_constrained_run_end_to_end(tmp_path):
     from conftest import write_tokenizer
 
