@@ -54,13 +54,25 @@ def short_hash(value, n: int = 10) -> str:
     return hashlib.sha256(canonical(value).encode()).hexdigest()[:n]
 
 
+# Settings that change a run's result only under a latency constraint (the lookup table's);
+# under FLOPs they are left out, so that runs before and after a change of them are seeds of
+# one setting.
+LATENCY_TABLE_KEYS = ("table_points", "table_min_run_time")
+
+
 def identity_of(record: dict) -> dict:
     """The record's identity; derived from its config for records written before it existed."""
     if record.get("identity"):
         identity = copy.deepcopy(record["identity"])
         identity.setdefault("constraint", float(record["constraint"]))
-        return identity
-    return derived_identity(record)
+    else:
+        identity = derived_identity(record)
+    settings = identity.get("settings") or {}
+    if settings.get("constraint_kind", "flops") != "latency" and \
+            isinstance(settings.get("latency"), dict):
+        for key in LATENCY_TABLE_KEYS:
+            settings["latency"].pop(key, None)
+    return identity
 
 
 def derived_identity(record: dict) -> dict:

@@ -141,6 +141,18 @@ def test_runs_differing_in_one_input_stay_two_rows(tmp_path, change):
         assert summary["detail"].str.startswith(next(iter(change)) + "=").all()
 
 
+@pytest.mark.parametrize("kind,rows", [("flops", 1), ("latency", 2)])
+def test_latency_table_settings_split_only_latency_constrained_runs(tmp_path, kind, rows):
+    from analysis.collect import collect
+
+    a, b = record(seed=0, kind=kind), record(seed=1, kind=kind)
+    for rec, seconds in ((a, 0.5), (b, 1.0)):
+        rec["config"]["latency"]["table_min_run_time"] = seconds
+        rec["identity"]["settings"]["latency"]["table_min_run_time"] = seconds
+    write(tmp_path, {"a": a, "b": b})
+    assert collect(tmp_path)["setting"].nunique() == rows
+
+
 def test_variant_labels_name_the_departures_from_the_defaults(tmp_path):
     from analysis.collect import collect
 
