@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.identity import DEFAULT_STAGE, STAGES, prune_defaults, show
+from analysis.identity import DEFAULT_STAGE, LATENCY_TABLE_KEYS, STAGES, prune_defaults, show
 from analysis.stats import Stat
 from analysis.tables import (
     VARIANT_KEYS,
@@ -69,7 +69,9 @@ def latency_table(runs: pd.DataFrame) -> pd.DataFrame:
     sel = sel[sel["latency_ratio_n"] > 0]
     if sel.empty:
         return pd.DataFrame()
-    sel = with_bases(sel, ["model", "task"], ("settings.constraint_kind",))
+    # the kind column tells the two apart; the lookup table's settings belong to the kind
+    sel = with_bases(sel, ["model", "task"], ("settings.constraint_kind",) + tuple(
+        f"settings.latency.{key}" for key in LATENCY_TABLE_KEYS))
     index = index_of(sel, ["model", "task"], ["kind", "constraint"])
     rows = [{**{c: s[c] for c in index}, "metric": s["metric"],
              "pruned": cell([s]), "FLOPs kept": cell([s], "flops_ratio", 3),

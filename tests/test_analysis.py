@@ -328,7 +328,11 @@ def test_latency_table(tmp_path):
             f"flops{c}": [record(seed=s, constraint=c, pruned=c + 0.25, latency=c + 0.1)
                           for s in range(3)],
             f"unmeasured{c}": three(0.3, constraint=c)}))
+    for rec in (r for name, r in runs.items() if name.startswith("lat")):
+        for node in (rec["config"], rec["identity"]["settings"]):  # the table's settings
+            node["latency"].update(table_points=8, table_min_run_time=1.0)
     table = latency_table(collect(write(tmp_path, runs)))
+    assert "detail" not in table.index.names  # the kind tells them apart, nothing else
     assert list(table.index.get_level_values("kind")) == ["flops", "flops", "latency",
                                                           "latency"]
     row = table.loc[("minilm", "sst2", "latency", 0.4)]
