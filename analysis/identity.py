@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.config import PruneConf
+from experiments.config import PruneConf, used_settings
 
 STAGE_KEYS = ("rearrange", "tune", "tune_teacher")  # define the stage, not the variant
 PATH_KEYS = ("fisher_cache_dir", "sample_file")  # where inputs live (their content is keyed)
@@ -54,12 +54,6 @@ def short_hash(value, n: int = 10) -> str:
     return hashlib.sha256(canonical(value).encode()).hexdigest()[:n]
 
 
-# Settings that change a run's result only under a latency constraint (the lookup table's);
-# under FLOPs they are left out, so that runs before and after a change of them are seeds of
-# one setting.
-LATENCY_TABLE_KEYS = ("table_points", "table_min_run_time")
-
-
 def identity_of(record: dict) -> dict:
     """The record's identity; derived from its config for records written before it existed."""
     if record.get("identity"):
@@ -67,11 +61,8 @@ def identity_of(record: dict) -> dict:
         identity.setdefault("constraint", float(record["constraint"]))
     else:
         identity = derived_identity(record)
-    settings = identity.get("settings") or {}
-    if settings.get("constraint_kind", "flops") != "latency" and \
-            isinstance(settings.get("latency"), dict):
-        for key in LATENCY_TABLE_KEYS:
-            settings["latency"].pop(key, None)
+    if isinstance(identity.get("settings"), dict):  # as the runner keys it now
+        identity["settings"] = used_settings(identity["settings"])
     return identity
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.identity import DEFAULT_STAGE, LATENCY_TABLE_KEYS, STAGES, prune_defaults, show
+from analysis.identity import DEFAULT_STAGE, STAGES, prune_defaults, show
 from analysis.stats import Stat
 from analysis.tables import (
     VARIANT_KEYS,
@@ -21,6 +21,7 @@ from analysis.tables import (
     select,
     with_bases,
 )
+from experiments.config import LATENCY_TABLE_KEYS
 
 REFERENCE = ("default", DEFAULT_STAGE)
 

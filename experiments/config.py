@@ -94,6 +94,22 @@ class RunConf:
     preset: str = "none"  # set by the preset group: none | official
 
 
+# Options of the latency lookup table: they change a run's result only under a latency
+# constraint, so a FLOPs-constrained run's identity leaves them out (a change of their defaults
+# does not re-run, or split from their seeds, the runs it cannot have changed).
+LATENCY_TABLE_KEYS = ("table_points", "table_min_run_time")
+
+
+def used_settings(settings: dict) -> dict:
+    """``settings`` (a resolved config as a dict) without the options this run cannot depend
+    on: the latency lookup table's unless ``constraint_kind`` is ``latency``."""
+    latency = settings.get("latency")
+    if settings.get("constraint_kind", "flops") == "latency" or not isinstance(latency, dict):
+        return settings
+    return {**settings, "latency": {k: v for k, v in latency.items()
+                                    if k not in LATENCY_TABLE_KEYS}}
+
+
 def register() -> None:
     """Make the schema known to Hydra as ``base_config`` (``conf/config.yaml`` extends it)."""
     cs = ConfigStore.instance()

@@ -41,7 +41,7 @@ from experiments.checkpoints import (
     resolve_path,
 )
 from experiments.config import constraints_of as validate_constraints
-from experiments.config import prune_options, validate
+from experiments.config import prune_options, used_settings, validate
 from experiments.data import TaskSpec, check_data, read_text_samples
 from experiments.errors import RunError
 from experiments.finetune import FinetuneConfig, cached_finetune
@@ -160,7 +160,8 @@ def run_identity(cfg: DictConfig, spec: TaskSpec, checkpoint: str, device: str) 
     if cfg.prune.sample_file:
         data["sample_file"] = file_digest(cfg.prune.sample_file)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    identity = {"settings": settings_of(OmegaConf.to_container(cfg, resolve=True)),
+    identity = {"settings": used_settings(settings_of(OmegaConf.to_container(cfg,
+                                                                              resolve=True))),
                 "data": data, "checkpoint": weights_fingerprint(checkpoint), "device": name,
                 "code": {"prune": prune.__version__, "fisher": FISHER_VERSION,
                          "results": RESULTS_VERSION}}
@@ -179,8 +180,10 @@ def _finished(path: Path, identity: dict, force: bool) -> dict | None:
         previous = json.loads(record_file.read_text())
     except (OSError, ValueError):
         previous = {}
-    same = json.loads(canonical(previous.get("identity") or {})) == json.loads(
-        canonical(identity))
+    before = dict(previous.get("identity") or {})
+    if isinstance(before.get("settings"), dict):  # written before used_settings existed
+        before["settings"] = used_settings(before["settings"])
+    same = json.loads(canonical(before)) == json.loads(canonical(identity))
     if same and not force and previous.get("complete", True):
         log.info("skipping: %s exists with the same settings (force=true re-runs)", record_file)
         return previous

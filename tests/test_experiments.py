@@ -174,6 +174,24 @@ def test_finished_runs_are_rerun_when_an_input_changes(tiny_checkpoints, tmp_pat
     assert len(list(out.glob("results.stale-*.json"))) == 3
 
 
+def test_latency_table_options_do_not_rerun_a_flops_run(tiny_checkpoints, tmp_path):
+    """The lookup table's options change only latency-constrained results: a FLOPs run is
+    skipped after they change, also when its record still names them (older records)."""
+    from experiments.config import used_settings
+
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false", *FAST]
+    first = run(base, tmp_path)
+    assert "table_min_run_time" not in first["identity"]["settings"]["latency"]
+    older = json.loads((tmp_path / "results.json").read_text())
+    older["identity"]["settings"]["latency"].update(table_points=8, table_min_run_time=0.5)
+    (tmp_path / "results.json").write_text(json.dumps(older))
+    assert run([*base, "latency.table_min_run_time=2"], tmp_path) == older  # skipped
+    assert not list(tmp_path.glob("results.stale-*.json"))
+    settings = {"constraint_kind": "latency", "latency": {"table_points": 8, "seq_len": 128}}
+    assert used_settings(settings) == settings  # a latency run depends on its table
+    assert used_settings({**settings, "constraint_kind": "flops"})["latency"] == {"seq_len": 128}
+
+
 def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpoints, tmp_path):
     base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false", *FAST]
     first = run(base, tmp_path)
