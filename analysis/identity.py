@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.config import PruneConf, used_settings
+from experiments.config import PruneConf, used_identity
 
 STAGE_KEYS = ("rearrange", "tune", "tune_teacher")  # define the stage, not the variant
 PATH_KEYS = ("fisher_cache_dir", "sample_file")  # where inputs live (their content is keyed)
@@ -61,9 +61,7 @@ def identity_of(record: dict) -> dict:
         identity.setdefault("constraint", float(record["constraint"]))
     else:
         identity = derived_identity(record)
-    if isinstance(identity.get("settings"), dict):  # as the runner keys it now
-        identity["settings"] = used_settings(identity["settings"])
-    return identity
+    return used_identity(identity)  # as the runner compares them
 
 
 def derived_identity(record: dict) -> dict:

@@ -110,6 +110,14 @@ def used_settings(settings: dict) -> dict:
                                     if k not in LATENCY_TABLE_KEYS}}
 
 
+def used_identity(identity: dict) -> dict:
+    """A run identity with ``used_settings``: how a record written before they were left out
+    compares with one written now."""
+    settings = identity.get("settings")
+    return {**identity, "settings": used_settings(settings)} if isinstance(settings, dict) \
+        else identity
+
+
 def register() -> None:
     """Make the schema known to Hydra as ``base_config`` (``conf/config.yaml`` extends it)."""
     cs = ConfigStore.instance()

@@ -41,7 +41,7 @@ from experiments.checkpoints import (
     resolve_path,
 )
 from experiments.config import constraints_of as validate_constraints
-from experiments.config import prune_options, used_settings, validate
+from experiments.config import prune_options, used_identity, used_settings, validate
 from experiments.data import TaskSpec, check_data, read_text_samples
 from experiments.errors import RunError
 from experiments.finetune import FinetuneConfig, cached_finetune
@@ -180,9 +180,7 @@ def _finished(path: Path, identity: dict, force: bool) -> dict | None:
         previous = json.loads(record_file.read_text())
     except (OSError, ValueError):
         previous = {}
-    before = dict(previous.get("identity") or {})
-    if isinstance(before.get("settings"), dict):  # written before used_settings existed
-        before["settings"] = used_settings(before["settings"])
+    before = used_identity(previous.get("identity") or {})
     same = json.loads(canonical(before)) == json.loads(canonical(identity))
     if same and not force and previous.get("complete", True):
         log.info("skipping: %s exists with the same settings (force=true re-runs)", record_file)
