@@ -17,8 +17,8 @@ def family(one: float, four: float, fam: float) -> dict:
 
 def test_family_table_has_a_row_set_per_variant_with_its_ratios():
     text = bench.table([], {"constraints": [0.4, 0.5, 0.6, 0.7],
-                            "latency timed": family(50.0, 200.0, 85.0),
-                            "latency off": family(40.0, 160.0, 58.0)})
+                            "variants": {"latency timed": family(50.0, 200.0, 85.0),
+                                         "latency off": family(40.0, 160.0, 58.0)}})
     rows = [line for line in text.splitlines() if line.startswith("| one family run")]
     assert rows == ["| one family run of the same four | latency timed | 85.0 | 1.70 |",
                     "| one family run of the same four | latency off | 58.0 | 1.45 |"]
