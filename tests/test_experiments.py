@@ -245,6 +245,36 @@ def test_demo_fine_tune_cache_is_keyed_on_weights_and_data(tmp_path):
     fixed = TaskSpec(**{**spec.__dict__, "local_dir": str(tmp_path / "fixed")})
     assert finetune_key(str(base), fixed, FinetuneConfig()) != key
     assert finetune_key(str(base), spec, FinetuneConfig(epochs=2)) != key
+    # the length-grouping option is part of the key when on, and absent when off, so models
+    # cached before it existed keep their key
+    assert "group_by_length" not in key["config"]
+    assert finetune_key(str(base), spec, FinetuneConfig(group_by_length=True)) != key
+
+
+def test_length_grouped_batches_are_a_seeded_permutation_with_less_padding():
+    import numpy as np
+
+    from experiments.finetune import FinetuneConfig, length_grouped
+
+    lengths = np.random.default_rng(1).integers(5, 128, size=1000)
+    chosen = np.arange(3, 1000, 2)  # a subset: only these indices may appear, each once
+    order = length_grouped(lengths, chosen, 32, np.random.default_rng(0), window=4)
+    assert sorted(order.tolist()) == chosen.tolist()
+    again = length_grouped(lengths, chosen, 32, np.random.default_rng(0), window=4)
+    assert np.array_equal(order, again)
+    assert not np.array_equal(order, length_grouped(lengths, chosen, 32,
+                                                    np.random.default_rng(1), window=4))
+
+    def padded(o):
+        return sum(lengths[o[i:i + 32]].max() * len(o[i:i + 32]) for i in range(0, len(o), 32))
+
+    shuffled = np.random.default_rng(0).permutation(chosen)
+    assert padded(order) < 0.8 * padded(shuffled)
+    # only the last batch may be short (batches are cut from the order in runs of 32)
+    assert len(chosen) % 32 != 0 and all(
+        len(order[i:i + 32]) == 32 for i in range(0, len(order) - len(order) % 32, 32))
+    with pytest.raises(TypeError, match="group_by_length"):
+        FinetuneConfig(group_by_length="yes")
 
 
 def test_masks_and_cost_length_do_not_depend_on_the_evaluation_subset(tiny_checkpoints,
