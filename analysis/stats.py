@@ -1,8 +1,8 @@
 """Mean and spread over seeds, and when two settings differ at all.
 
 One seed is not a result: every cell is ``mean ± sample std`` over seeds, and a comparison of two
-settings whose means are closer than their spread (``|difference| <= the larger std``, or one
-seed on each side) reads "no difference".
+settings whose means are closer than their spread (``|difference| <= the larger std``) reads "no
+difference"; with one seed on each side there is no spread to judge by, and the cell says so.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pandas as pd
 
 N_SEEDS = 3  # the sweeps' seed count: cells with another count say so
 NOTE = ("mean ± sample std over seeds; (n=k): k seeds, when not 3; \"no difference (Δ)\": "
-        "|Δ| <= the larger std of the two, or one seed on each side")
+        "|Δ| <= the larger std of the two; \"Δ (n=1)\": one seed each, no spread to judge by")
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,20 @@ class Stat:
 
 
 def same(a: Stat, b: Stat) -> bool:
-    """No difference: the means are within the larger spread, or each side has one seed."""
+    """No difference: the means are within the larger spread (never with one seed each: there
+    is no spread to judge by)."""
     if a.n == 1 and b.n == 1:
-        return True
+        return False
     spread = max((s.std for s in (a, b) if s.n > 1), default=0.0)
     return abs(b.mean - a.mean) <= spread
 
 
 def difference(reference: Stat, other: Stat, digits: int = 2) -> str:
-    """``other - reference``, e.g. ``+0.46``, or ``no difference (+0.12)``."""
+    """``other - reference``, e.g. ``+0.46``, ``no difference (+0.12)``, or ``+7.00 (n=1)``
+    when each side has one seed."""
     if reference.n == 0 or other.n == 0:
         return "--"
     text = f"{other.mean - reference.mean:+.{digits}f}"
+    if reference.n == 1 and other.n == 1:
+        return f"{text} (n=1)"
     return f"no difference ({text})" if same(reference, other) else text

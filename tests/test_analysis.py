@@ -210,7 +210,9 @@ def test_the_no_difference_rule():
     assert difference(ref, Stat(85.5, 0.1, 3)) == "no difference (-0.50)"  # |Δ| == larger std
     assert difference(ref, Stat(87.0, 0.3, 3)) == "+1.00"
     assert difference(ref, Stat(85.2, 0.5, 3)) == "-0.80"
-    assert same(Stat(80.0, float("nan"), 1), Stat(90.0, float("nan"), 1))  # one seed each
+    # one seed each: no spread to judge by, so never "no difference", and the cell says n=1
+    assert not same(Stat(80.0, float("nan"), 1), Stat(80.1, float("nan"), 1))
+    assert difference(Stat(80.0, float("nan"), 1), Stat(87.0, float("nan"), 1)) == "+7.00 (n=1)"
     assert not same(Stat(80.0, float("nan"), 1), Stat(80.5, 0.2, 3))
     assert difference(ref, Stat(float("nan"), float("nan"), 0)) == "--"
     assert Stat(86.0, 0.5, 3).fmt() == "86.00 ± 0.50"
