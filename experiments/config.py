@@ -100,9 +100,32 @@ class RunConf:
 LATENCY_TABLE_KEYS = ("table_points", "table_min_run_time")
 
 
+# Fine-tune options added after checkpoints and records were made, with their defaults: at the
+# default they are left out of a run's identity, so that records made before they existed (which
+# do not name them) and after (which do) are one setting.
+FINETUNE_ADDED = {"group_by_length": False}
+
+
+def _finetune_used(block):
+    if not isinstance(block, dict):
+        return block
+    return {k: v for k, v in block.items()
+            if not (k in FINETUNE_ADDED and v == FINETUNE_ADDED[k])}
+
+
 def used_settings(settings: dict) -> dict:
     """``settings`` (a resolved config as a dict) without the options this run cannot depend
-    on: the latency lookup table's unless ``constraint_kind`` is ``latency``."""
+    on: the latency lookup table's unless ``constraint_kind`` is ``latency``, and fine-tune
+    options added later (``FINETUNE_ADDED``) left at their defaults."""
+    model = settings.get("model")
+    if isinstance(model, dict):
+        model = {**model}
+        if "finetune" in model:
+            model["finetune"] = _finetune_used(model["finetune"])
+        if isinstance(model.get("finetune_tasks"), dict):
+            model["finetune_tasks"] = {task: _finetune_used(block) for task, block
+                                       in model["finetune_tasks"].items()}
+        settings = {**settings, "model": model}
     latency = settings.get("latency")
     if settings.get("constraint_kind", "flops") == "latency" or not isinstance(latency, dict):
         return settings

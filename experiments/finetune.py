@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from experiments.config import FINETUNE_ADDED
 from experiments.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
 from experiments.evaluation import evaluate
 from experiments.records import atomic_dir
@@ -48,10 +49,8 @@ class FinetuneConfig:
     def key(self) -> dict:
         """The settings as the cache key holds them; an option left at its default that did
         not exist when older checkpoints were cached is omitted, so their keys still match."""
-        settings = asdict(self)
-        if not self.group_by_length:
-            del settings["group_by_length"]
-        return settings
+        return {k: v for k, v in asdict(self).items()
+                if not (k in FINETUNE_ADDED and v == FINETUNE_ADDED[k])}
 
 
 # Bump when the training procedure changes what a given configuration produces.

@@ -192,6 +192,29 @@ def test_latency_table_options_do_not_rerun_a_flops_run(tiny_checkpoints, tmp_pa
     assert used_settings({**settings, "constraint_kind": "flops"})["latency"] == {"seq_len": 128}
 
 
+def test_fine_tune_option_added_later_does_not_split_or_rerun_at_its_default(tiny_checkpoints,
+                                                                             tmp_path):
+    """``group_by_length`` was added to the fine-tune settings after records existed: at its
+    default (false) a record that names it and one that does not are the same setting, so the
+    run is skipped and the tables do not split; set to true it is a different setting."""
+    from experiments.config import used_identity, used_settings
+
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false", *FAST]
+    first = run(base, tmp_path)
+    assert "group_by_length" not in first["identity"]["settings"]["model"]["finetune"]
+    named = json.loads((tmp_path / "results.json").read_text())
+    named["identity"]["settings"]["model"]["finetune"]["group_by_length"] = False
+    (tmp_path / "results.json").write_text(json.dumps(named))
+    assert run(base, tmp_path) == named  # skipped
+    assert used_identity(named["identity"]) == used_identity(first["identity"])
+    model = {"finetune": {"epochs": 1, "group_by_length": False},
+             "finetune_tasks": {"rte": {"epochs": 3, "group_by_length": False}}}
+    assert used_settings({"model": model})["model"] == {"finetune": {"epochs": 1},
+                                                        "finetune_tasks": {"rte": {"epochs": 3}}}
+    model["finetune_tasks"]["rte"]["group_by_length"] = True
+    assert used_settings({"model": model})["model"]["finetune_tasks"]["rte"]["group_by_length"]
+
+
 def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpoints, tmp_path):
     base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false", *FAST]
     first = run(base, tmp_path)
