@@ -59,6 +59,12 @@ def test_latency_cost_spreads_the_measured_remainder_over_the_curves():
 def test_table_round_trips_from_cache_and_every_setting_is_in_its_key(tmp_path, monkeypatch):
     model = tiny_model("bert", layers=2)
     adapter = get_adapter(model)
+
+    def units_latency(m, batch_size, seq_len, min_run_time):  # this test is about the cache:
+        return Latency(1.0 + sum(adapter.heads_per_layer(m)) + 0.01 *  # a steady timer
+                       sum(adapter.neurons_per_layer(m)), 0.0, 1)
+
+    monkeypatch.setattr("prune.latency.measure_latency", units_latency)
     settings = dict(batch_size=2, seq_len=8, points=3, min_run_time=0.01)
     first = cached_latency_table(model, adapter, tmp_path, **settings)
     files = list(tmp_path.glob("latency-*.json"))
@@ -104,6 +110,18 @@ def test_measured_table_is_monotone_and_latency_is_positive():
     assert np.all(np.diff(cost.ffn(np.arange(257))) >= 0)
     lat = measure_latency(model, batch_size=4, seq_len=32, min_run_time=0.05)
     assert 0 < lat.median and lat.iqr >= 0 and lat.measurements >= 1
+
+
+def test_a_noise_dominated_table_stops_with_a_message_and_is_not_cached(tmp_path, monkeypatch):
+    """Timings swamped by another job (the emptied model as slow as the whole one) must not
+    become a cached table that makes every later budget look infeasible on this machine."""
+    model = tiny_model("bert", layers=2, heads=4, hidden=32, ffn=64)
+    adapter = get_adapter(model)
+    monkeypatch.setattr("prune.latency.measure_latency",
+                        lambda m, b, s, t: Latency(0.5, 0.0, 1))  # every model alike
+    with pytest.raises(RunError, match="latency lookup table is noise.*100%.*nothing was cached"):
+        cached_latency_table(model, adapter, tmp_path, batch_size=2, seq_len=8, points=2)
+    assert not list(tmp_path.glob("latency-*.json"))
 
 
 def test_table_times_whole_models_and_recovers_a_known_latency(monkeypatch):
