@@ -106,7 +106,9 @@ LATENCY_TABLE_KEYS = ("table_points", "table_min_run_time")
 FINETUNE_ADDED = {"group_by_length": False}
 
 
-def _finetune_used(block):
+def without_added_defaults(block):
+    """A fine-tune settings block without the ``FINETUNE_ADDED`` options left at their default
+    (for the fine-tune cache key and for a run's identity alike)."""
     if not isinstance(block, dict):
         return block
     return {k: v for k, v in block.items()
@@ -121,9 +123,9 @@ def used_settings(settings: dict) -> dict:
     if isinstance(model, dict):
         model = {**model}
         if "finetune" in model:
-            model["finetune"] = _finetune_used(model["finetune"])
+            model["finetune"] = without_added_defaults(model["finetune"])
         if isinstance(model.get("finetune_tasks"), dict):
-            model["finetune_tasks"] = {task: _finetune_used(block) for task, block
+            model["finetune_tasks"] = {task: without_added_defaults(block) for task, block
                                        in model["finetune_tasks"].items()}
         settings = {**settings, "model": model}
     latency = settings.get("latency")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.config import FINETUNE_ADDED
+from experiments.config import without_added_defaults
 from experiments.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
 from experiments.evaluation import evaluate
 from experiments.records import atomic_dir
@@ -49,8 +49,7 @@ class FinetuneConfig:
     def key(self) -> dict:
         """The settings as the cache key holds them; an option left at its default that did
         not exist when older checkpoints were cached is omitted, so their keys still match."""
-        return {k: v for k, v in asdict(self).items()
-                if not (k in FINETUNE_ADDED and v == FINETUNE_ADDED[k])}
+        return without_added_defaults(asdict(self))
 
 
 # Bump when the training procedure changes what a given configuration produces.
@@ -136,8 +135,9 @@ def finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig
     start = time.perf_counter()
     model.train()
     bar = tqdm(total=steps, desc="finetune", disable=not progress)
+    lengths = train.lengths() if cfg.group_by_length else None
     for _ in range(cfg.epochs):
-        order = (length_grouped(train.lengths(), chosen, cfg.batch_size, rng)
+        order = (length_grouped(lengths, chosen, cfg.batch_size, rng)
                  if cfg.group_by_length else rng.permutation(chosen))
         for batch in make_batches(train, order, cfg.batch_size):
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
