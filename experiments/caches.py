@@ -21,7 +21,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from experiments.errors import RunError
 from experiments.records import WRITE_ERRORS, write_atomic, write_failure
 from prune.arch import Adapter
 from prune.fisher import Fisher
@@ -129,25 +128,6 @@ def latency_table_key(model: nn.Module, adapter: Adapter, batch_size: int, seq_l
             "min_run_time": min_run_time, "torch": torch.__version__, "version": 3}
 
 
-NOISY_EMPTY = 0.9  # an emptied model measured above this share of the full model is noise
-
-
-def check_latency_table(table: LatencyTable, batch_size: int, seq_len: int,
-                        min_run_time: float) -> None:
-    """Stop on a table the timings cannot support: the model with every layer emptied measured
-    nearly as slow as the whole model (another job on the cores, or a model so small that call
-    overhead hides its compute). Such a table would make every budget look infeasible."""
-    if table.full > 0 and table.empty < NOISY_EMPTY * table.full and \
-            sum(table.attn) + sum(table.ffn) > 0:
-        return
-    share = table.empty / table.full if table.full > 0 else float("inf")
-    raise RunError(f"the latency lookup table is noise: the model with every layer emptied "
-                   f"measured {share:.0%} of the whole model's time (batch {batch_size}, "
-                   f"{seq_len} tokens, {min_run_time:g} s per point). Time it on a quiet machine "
-                   f"or raise latency.batch_size, latency.seq_len or latency.table_min_run_time; "
-                   f"nothing was cached")
-
-
 def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Path | None,
                          batch_size: int = 32, seq_len: int = 128, points: int = 8,
                          min_run_time: float = 1.0) -> LatencyTable:
@@ -162,8 +142,14 @@ def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Pa
         except (OSError, ValueError, TypeError) as err:
             log.warning("ignoring unreadable latency table %s (%s)", path, err)
     table = build_latency_table(model, adapter, batch_size, seq_len, points, min_run_time)
-    check_latency_table(table, batch_size, seq_len, min_run_time)  # never cache a noisy table
-    if path is not None:
+    if table.is_noise():  # usable for this run, but never served to later ones
+        log.warning("the latency lookup table looks like noise: the model with every layer "
+                    "emptied measured %.0f%% of the whole model's time (batch %d, %d tokens, "
+                    "%g s per point), so most budgets will look out of reach. Time it on a quiet "
+                    "machine or raise latency.batch_size, latency.seq_len or "
+                    "latency.table_min_run_time; it was not cached", 100 * table.empty_share(),
+                    batch_size, seq_len, min_run_time)
+    elif path is not None:
         text = json.dumps({"key": json.loads(canonical(key)), "table": table.to_dict()})
         _save_quietly(path, lambda tmp: tmp.write_text(text), "latency table")
     return table

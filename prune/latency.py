@@ -109,6 +109,16 @@ class LatencyTable:
     num_heads: int
     num_neurons: int
 
+    def empty_share(self) -> float:
+        """The emptied model's time as a share of the whole model's (1.6% on the demo)."""
+        return self.empty / self.full if self.full > 0 else float("inf")
+
+    def is_noise(self, limit: float = 0.9) -> bool:
+        """The timings cannot support a cost model: the emptied model measured at ``limit`` or
+        more of the whole model's time, or no unit measured any cost (another job on the cores,
+        or a model so small that call overhead hides its compute)."""
+        return self.empty_share() >= limit or sum(self.attn) + sum(self.ffn) <= 0
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -112,16 +112,18 @@ def test_measured_table_is_monotone_and_latency_is_positive():
     assert 0 < lat.median and lat.iqr >= 0 and lat.measurements >= 1
 
 
-def test_a_noise_dominated_table_stops_with_a_message_and_is_not_cached(tmp_path, monkeypatch):
+def test_a_noise_dominated_table_is_not_cached_and_says_why(tmp_path, monkeypatch, caplog):
     """Timings swamped by another job (the emptied model as slow as the whole one) must not
     become a cached table that makes every later budget look infeasible on this machine."""
     model = tiny_model("bert", layers=2, heads=4, hidden=32, ffn=64)
     adapter = get_adapter(model)
     monkeypatch.setattr("prune.latency.measure_latency",
                         lambda m, b, s, t: Latency(0.5, 0.0, 1))  # every model alike
-    with pytest.raises(RunError, match="latency lookup table is noise.*100%.*nothing was cached"):
-        cached_latency_table(model, adapter, tmp_path, batch_size=2, seq_len=8, points=2)
+    table = cached_latency_table(model, adapter, tmp_path, batch_size=2, seq_len=8, points=2)
+    assert table.is_noise() and table.empty_share() == 1.0
     assert not list(tmp_path.glob("latency-*.json"))
+    assert "looks like noise" in caplog.text and "100%" in caplog.text
+    assert "not cached" in caplog.text
 
 
 def test_table_times_whole_models_and_recovers_a_known_latency(monkeypatch):
