@@ -117,16 +117,21 @@ def without_added_defaults(block):
 
 def used_settings(settings: dict) -> dict:
     """``settings`` (a resolved config as a dict) without the options this run cannot depend
-    on: the latency lookup table's unless ``constraint_kind`` is ``latency``, and fine-tune
-    options added later (``FINETUNE_ADDED``) left at their defaults."""
+    on: the latency lookup table's unless ``constraint_kind`` is ``latency``; of the fine-tune
+    settings, only the ones of this run's task (``model.finetune`` updated with its entry in
+    ``model.finetune_tasks``, the other tasks' entries dropped), without the options added
+    later (``FINETUNE_ADDED``) left at their defaults. Applied again to its own output it
+    changes nothing, so stored identities of either form compare equal."""
     model = settings.get("model")
     if isinstance(model, dict):
         model = {**model}
-        if "finetune" in model:
-            model["finetune"] = without_added_defaults(model["finetune"])
-        if isinstance(model.get("finetune_tasks"), dict):
-            model["finetune_tasks"] = {task: without_added_defaults(block) for task, block
-                                       in model["finetune_tasks"].items()}
+        per_task = model.pop("finetune_tasks", None)
+        task = settings.get("task", {}).get("name") if isinstance(settings.get("task"),
+                                                                   dict) else None
+        if isinstance(model.get("finetune"), dict):
+            own = per_task.get(task) if isinstance(per_task, dict) else None
+            model["finetune"] = without_added_defaults(
+                {**model["finetune"], **own} if isinstance(own, dict) else model["finetune"])
         settings = {**settings, "model": model}
     latency = settings.get("latency")
     if settings.get("constraint_kind", "flops") == "latency" or not isinstance(latency, dict):

@@ -209,10 +209,38 @@ def test_fine_tune_option_added_later_does_not_split_or_rerun_at_its_default(tin
     assert used_identity(named["identity"]) == used_identity(first["identity"])
     model = {"finetune": {"epochs": 1, "group_by_length": False},
              "finetune_tasks": {"rte": {"epochs": 3, "group_by_length": False}}}
-    assert used_settings({"model": model})["model"] == {"finetune": {"epochs": 1},
-                                                        "finetune_tasks": {"rte": {"epochs": 3}}}
+    assert used_settings({"model": model, "task": {"name": "rte"}})["model"] == {
+        "finetune": {"epochs": 3}}
+    assert used_settings({"model": model, "task": {"name": "sst2"}})["model"] == {
+        "finetune": {"epochs": 1}}
     model["finetune_tasks"]["rte"]["group_by_length"] = True
-    assert used_settings({"model": model})["model"]["finetune_tasks"]["rte"]["group_by_length"]
+    assert used_settings({"model": model, "task": {"name": "rte"}})["model"]["finetune"][
+        "group_by_length"]
+
+
+def test_identity_holds_only_the_fine_tune_of_its_own_task():
+    """A run depends on the fine-tune of its task, not on the other tasks' settings: moving an
+    option from the per-task entries to the shared block (same effective settings) keeps the
+    identity, changing what another task's fine-tune uses does not touch it, and changing
+    its own task's does."""
+    from experiments.config import used_settings
+
+    def model(shared, **tasks):
+        return {"model": {"name": "m", "finetune": {"epochs": 1, "lr": 1e-4, **shared},
+                          "finetune_tasks": tasks}, "task": {"name": "rte"}, "seed": 0}
+
+    before = used_settings(model({}, rte={"epochs": 3, "group_by_length": True},
+                                 stsb={"epochs": 3, "group_by_length": True}))
+    moved = used_settings(model({"group_by_length": True}, rte={"epochs": 3},
+                                stsb={"epochs": 3}))
+    assert before == moved
+    assert before["model"]["finetune"] == {"epochs": 3, "lr": 1e-4, "group_by_length": True}
+    assert used_settings(before) == before  # a stored identity compares as it was written
+    other = used_settings(model({"group_by_length": True}, rte={"epochs": 3},
+                                stsb={"epochs": 5}))
+    assert other == before
+    own = used_settings(model({"group_by_length": True}, rte={"epochs": 2}, stsb={"epochs": 3}))
+    assert own != before
 
 
 def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpoints, tmp_path):
