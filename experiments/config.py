@@ -115,6 +115,13 @@ def without_added_defaults(block):
             if not (k in FINETUNE_ADDED and v == FINETUNE_ADDED[k])}
 
 
+def task_finetune(shared: dict, per_task, task: str | None) -> dict:
+    """The fine-tune settings a task uses: the shared ``model.finetune`` block updated with the
+    task's entry in ``model.finetune_tasks`` (epochs, samples, ...), if it has one."""
+    own = per_task.get(task) if isinstance(per_task, dict) else None
+    return {**shared, **own} if isinstance(own, dict) else dict(shared)
+
+
 def used_settings(settings: dict) -> dict:
     """``settings`` (a resolved config as a dict) without the options this run cannot depend
     on: the latency lookup table's unless ``constraint_kind`` is ``latency``; of the fine-tune
@@ -129,9 +136,8 @@ def used_settings(settings: dict) -> dict:
         task = settings.get("task", {}).get("name") if isinstance(settings.get("task"),
                                                                    dict) else None
         if isinstance(model.get("finetune"), dict):
-            own = per_task.get(task) if isinstance(per_task, dict) else None
             model["finetune"] = without_added_defaults(
-                {**model["finetune"], **own} if isinstance(own, dict) else model["finetune"])
+                task_finetune(model["finetune"], per_task, task))
         settings = {**settings, "model": model}
     latency = settings.get("latency")
     if settings.get("constraint_kind", "flops") == "latency" or not isinstance(latency, dict):

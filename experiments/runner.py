@@ -41,7 +41,13 @@ from experiments.checkpoints import (
     resolve_path,
 )
 from experiments.config import constraints_of as validate_constraints
-from experiments.config import prune_options, used_identity, used_settings, validate
+from experiments.config import (
+    prune_options,
+    task_finetune,
+    used_identity,
+    used_settings,
+    validate,
+)
 from experiments.data import TaskSpec, check_data, read_text_samples
 from experiments.errors import RunError
 from experiments.finetune import FinetuneConfig, cached_finetune
@@ -139,10 +145,10 @@ def resolve_checkpoint(cfg: DictConfig, spec: TaskSpec, device: str) -> str:
     if not (m.get("pretrained") and m.get("finetune")):
         raise RunError(f"model {m.name} has no checkpoint for task {spec.name}; "
                        f"pass model.path=/path/to/finetuned/checkpoint")
-    settings = OmegaConf.to_container(m.finetune, resolve=True)
     per_task = m.get("finetune_tasks")
-    if per_task and spec.name in per_task:  # task-specific settings (epochs, samples, ...)
-        settings.update(OmegaConf.to_container(per_task[spec.name], resolve=True))
+    settings = task_finetune(OmegaConf.to_container(m.finetune, resolve=True),
+                             OmegaConf.to_container(per_task, resolve=True) if per_task else None,
+                             spec.name)
     try:
         ft = FinetuneConfig(**settings)
     except TypeError as err:
