@@ -22,16 +22,22 @@ from torch import nn
 from transformers import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    BertModel,
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
+    DistilBertModel,
     ElectraForQuestionAnswering,
     ElectraForSequenceClassification,
+    ElectraModel,
     MPNetForQuestionAnswering,
     MPNetForSequenceClassification,
+    MPNetModel,
     RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
+    RobertaModel,
     XLMRobertaForQuestionAnswering,
     XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
 )
 
 # Paths are relative to one encoder layer; ``layers`` is relative to ``model.base_model``.
@@ -94,15 +100,19 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
 }
 
-# family -> its Hugging Face classes, in the order of ``AUTO_CLASSES``
-AUTO_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForQuestionAnswering")
-MODEL_CLASSES: dict[str, tuple[type, type]] = {
-    "bert": (BertForSequenceClassification, BertForQuestionAnswering),
-    "distilbert": (DistilBertForSequenceClassification, DistilBertForQuestionAnswering),
-    "mpnet": (MPNetForSequenceClassification, MPNetForQuestionAnswering),
-    "roberta": (RobertaForSequenceClassification, RobertaForQuestionAnswering),
-    "xlm-roberta": (XLMRobertaForSequenceClassification, XLMRobertaForQuestionAnswering),
-    "electra": (ElectraForSequenceClassification, ElectraForQuestionAnswering),
+# family -> its Hugging Face classes, in the order of ``AUTO_CLASSES``; the last is the bare
+# encoder, which ``AutoModel`` loads from a task checkpoint
+AUTO_CLASSES = ("AutoModelForSequenceClassification", "AutoModelForQuestionAnswering",
+                "AutoModel")
+MODEL_CLASSES: dict[str, tuple[type, type, type]] = {
+    "bert": (BertForSequenceClassification, BertForQuestionAnswering, BertModel),
+    "distilbert": (DistilBertForSequenceClassification, DistilBertForQuestionAnswering,
+                   DistilBertModel),
+    "mpnet": (MPNetForSequenceClassification, MPNetForQuestionAnswering, MPNetModel),
+    "roberta": (RobertaForSequenceClassification, RobertaForQuestionAnswering, RobertaModel),
+    "xlm-roberta": (XLMRobertaForSequenceClassification, XLMRobertaForQuestionAnswering,
+                    XLMRobertaModel),
+    "electra": (ElectraForSequenceClassification, ElectraForQuestionAnswering, ElectraModel),
 }
 
 
