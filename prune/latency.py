@@ -152,7 +152,7 @@ def uniform_model(model: nn.Module, adapter: Adapter, heads: int, neurons: int) 
     head[:, :heads] = 1.0
     neuron = torch.zeros(L, N)
     neuron[:, :neurons] = 1.0
-    return prune_model(part, Masks(head, neuron), adapter)
+    return prune_model(part, Masks(head, neuron), adapter, allow_empty=True)
 
 
 def build_latency_table(model: nn.Module, adapter: Adapter, batch_size: int = 32,
