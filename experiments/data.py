@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from experiments.errors import RunError
-from experiments.hub import offline
+from experiments.hub import hub_dataset, offline
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,25 @@ def find_local_file(spec: TaskSpec, split: str) -> Path | None:
     return None
 
 
+BOM = "\ufeff"
+MAX_LISTED = 5  # line numbers named in a warning or an error
+
+
 def read_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of the non-blank lines of a UTF-8 file. Lines end at ``\\n`` only:
-    real GLUE files carry stray ``\\r`` inside rows (SST-2 train), which csv/pandas readers take
-    for line breaks."""
+    real GLUE files carry stray ``\\r`` inside rows (SST-2 train in its older copies), which
+    csv/pandas readers take for line breaks. A UTF-8 byte-order mark at the start (GLUE's own
+    MRPC files) is dropped; a last line without a newline (GLUE's CoLA files) is kept."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path} is a directory, not a file; pass the file itself")
     try:
-        data = Path(path).read_bytes()
+        data = path.read_bytes()
     except OSError as err:
         raise RunError(f"cannot read {path} ({err.strerror})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise RunError(f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark); "
+                       f"re-save the file as UTF-8")
     out = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         try:
@@ -117,15 +128,26 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
         except UnicodeDecodeError as err:
             raise RunError(f"{path}, line {number}: not UTF-8 text ({err.reason} at byte "
                            f"{err.start} of the line); re-save the file as UTF-8") from None
+        if number == 1:
+            line = line.removeprefix(BOM)
         if line.strip():
             out.append((number, line))
     return out
 
 
-def read_tsv(path: Path, header: bool = True, column_names: tuple[str, ...] | None = None
-             ) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Columns and (line number, fields) rows of a GLUE TSV. Fields are stripped; rows with the
-    wrong number of fields are skipped with a warning; a file with no well-formed row is an
+def listed(numbers: list[int]) -> str:
+    """``lines 3, 5, 9, ...``: the first ``MAX_LISTED`` line numbers."""
+    more = ", ..." if len(numbers) > MAX_LISTED else ""
+    word = "line" if len(numbers) == 1 else "lines"
+    return f"{word} {', '.join(map(str, numbers[:MAX_LISTED]))}{more}"
+
+
+def read_tsv(path: Path, header: bool = True, column_names: tuple[str, ...] | None = None,
+             required: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Columns and (line number, fields) rows of a GLUE TSV. Fields are stripped. A row with the
+    wrong number of fields, or an empty field in a ``required`` column (the texts), is malformed:
+    a few are skipped with a warning naming their lines; a file with no well-formed row, or
+    with more malformed rows than good ones (rows split across lines by a re-save), is an
     error."""
     lines = read_lines(path)
     if not lines:
@@ -133,14 +155,26 @@ def read_tsv(path: Path, header: bool = True, column_names: tuple[str, ...] | No
     rows = [(n, [f.strip() for f in line.split("\t")]) for n, line in lines]
     columns = list(column_names) if column_names else (rows[0][1] if header else [])
     body = rows[1:] if header else rows
-    good = [(n, r) for n, r in body if len(r) == len(columns)]
     if not body:
         raise RunError(f"{path} has a header but no data rows; use the official file")
-    if not good:
+    shaped = [(n, r) for n, r in body if len(r) == len(columns)]
+    if not shaped:
         raise RunError(f"{path}: no row has the {len(columns)} tab-separated fields of its "
                        f"header (first bad row: line {body[0][0]}); use the official file")
-    if len(good) < len(body):
-        log.warning("%s: skipped %d malformed row(s)", path, len(body) - len(good))
+    need = [columns.index(c) for c in required if c in columns]
+    good = [(n, r) for n, r in shaped if all(r[i] for i in need)]
+    bad = [n for n, r in body if len(r) != len(columns) or not all(r[i] for i in need)]
+    if len(bad) > len(good):
+        empty = f"or an empty {'/'.join(repr(c) for c in required)} " if need else ""
+        raise RunError(
+            f"{path}: {len(bad)} of {len(body)} rows are malformed (not {len(columns)} "
+            f"tab-separated fields {empty}at {listed(bad)}); the file looks re-saved with its "
+            f"rows split across lines (a carriage return turned into a line break); use the "
+            f"task's official file as distributed, unedited")
+    if bad:
+        log.warning("%s: skipped %d malformed row(s) (not %d tab-separated fields%s) at %s",
+                    path, len(bad), len(columns), ", or an empty text" if need else "",
+                    listed(bad))
     return columns, good
 
 
@@ -148,13 +182,33 @@ def _check_columns(path: Path, spec: TaskSpec, columns: list[str]) -> None:
     missing = [c for c in (*spec.text_columns, spec.label_column) if c not in columns]
     if missing:
         raise RunError(
-            f"{path} lacks column(s) {missing} needed by task {spec.name} (has {columns}); "
+            f"{path} lacks column(s) {missing} needed by task {spec.name} (has {columns})"
+            f"{_near_misses(missing, columns)}; "
             f"use the official GLUE file or fix task.text_columns/task.label_column"
         )
 
 
+def _bare(name: str) -> str:
+    """A column name without invisible characters, quotes or case."""
+    return "".join(ch for ch in name if ch.isprintable()).strip().strip("\"'").lower()
+
+
+def _near_misses(missing: list[str], columns: list[str]) -> str:
+    """Names that ``missing`` columns would match but for a byte-order mark or other invisible
+    character, quotes or case: said, since the list of columns hides them."""
+    found = []
+    for want in missing:
+        for have in columns:
+            if have != want and _bare(have) == _bare(want):
+                what = ("a UTF-8 byte-order mark" if BOM in have else
+                        "invisible characters" if any(not ch.isprintable() for ch in have)
+                        else "quotes or case")
+                found.append(f"column {want!r} is written {have!r} ({what})")
+    return f" ({'; '.join(found)})" if found else ""
+
+
 def _read_examples(path: Path, spec: TaskSpec) -> Examples:
-    columns, rows = read_tsv(path, spec.header, spec.column_names)
+    columns, rows = read_tsv(path, spec.header, spec.column_names, tuple(spec.text_columns))
     _check_columns(path, spec, columns)
     index = [columns.index(c) for c in spec.text_columns]
     texts = [tuple(row[i] for i in index) for _, row in rows]
@@ -207,12 +261,7 @@ def _scores(raw: list, spec: TaskSpec, where) -> np.ndarray:
 def _load_hub(spec: TaskSpec, split: str) -> Examples:
     hub_split = spec.hub_split(split)
     where = f"{spec.hub_path}/{spec.hub_name or ''}:{hub_split}"
-    try:
-        import datasets
-    except ImportError:
-        raise RunError(f"loading {where} from the hub needs the `datasets` package "
-                       f"(pip install datasets), or provide local files") from None
-    data = datasets.load_dataset(spec.hub_path, spec.hub_name, split=hub_split)
+    data = hub_dataset(spec.hub_path, spec.hub_name, hub_split, local_fix(spec, split))
     columns = spec.hub_text_columns or spec.text_columns
     texts = list(zip(*(data[c] for c in columns), strict=True))
     raw = [(None, v) for v in data[spec.hub_label_column]]
@@ -227,6 +276,13 @@ def load_examples(spec: TaskSpec, split: str) -> Examples:
         return _read_examples(path, spec)
     require_hub(spec, split)
     return _load_hub(spec, split)
+
+
+def local_fix(spec: TaskSpec, split: str) -> str:
+    """Where the local files of ``split`` are looked for, and how to point there."""
+    names = spec.split_files(split)
+    local = f"{spec.local_dir}/{{{','.join(names)}}}" if spec.local_dir else "(no local dir set)"
+    return f"put the GLUE files at {local} (paths.data_dir= or task.local_dir=)"
 
 
 def require_hub(spec: TaskSpec, split: str) -> None:
@@ -260,6 +316,9 @@ def read_text_samples(path: str | Path, spec: TaskSpec) -> Examples:
     """An unlabeled sample set: one example per line of a UTF-8 text file, the fields of a
     sentence-pair task separated by a tab."""
     path = Path(path)
+    if path.is_dir():
+        raise RunError(f"sample file {path} is a directory; pass a text file with one example "
+                       f"per line (prune.sample_file=/path/to/samples.txt)")
     if not path.is_file():
         raise RunError(f"sample file {path} does not exist; pass a text file with one example "
                        f"per line (prune.sample_file=...)")
@@ -272,8 +331,9 @@ def read_text_samples(path: str | Path, spec: TaskSpec) -> Examples:
         fields = [f.strip() for f in line.split("\t")]
         if len(fields) != width or not all(fields):
             kind = "one text" if width == 1 else f"{width} texts separated by a tab"
+            found = "an empty text" if len(fields) == width else f"{len(fields)} field(s)"
             raise RunError(f"{path}, line {n}: task {spec.name} needs {kind} per line, found "
-                           f"{len(fields)} field(s)")
+                           f"{found}")
         texts.append(tuple(fields))
     if not texts:
         raise RunError(f"sample file {path} has no examples (one per line)")

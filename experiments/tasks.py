@@ -17,6 +17,7 @@ from experiments.data import (
     TaskSpec,
     find_local_file,
     load_examples,
+    local_fix,
     make_batches,
     read_text_samples,
     require_hub,
@@ -24,6 +25,7 @@ from experiments.data import (
     tokenize,
 )
 from experiments.evaluation import evaluate, predict_qa
+from experiments.hub import hub_dataset
 
 
 @dataclass
@@ -50,10 +52,8 @@ def load_qa_examples(spec: TaskSpec, split: str) -> list[squad.QAExample]:
     if path is not None:
         return squad.read_squad_json(Path(path))
     require_hub(spec, split)
-    import datasets
-
-    return squad.from_hub_rows(datasets.load_dataset(spec.hub_path, spec.hub_name,
-                                                     split=spec.hub_split(split)))
+    return squad.from_hub_rows(hub_dataset(spec.hub_path, spec.hub_name, spec.hub_split(split),
+                                           local_fix(spec, split)))
 
 
 def _seeded_subset(n: int, max_samples: int | None, seed: int) -> np.ndarray:

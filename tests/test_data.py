@@ -1,3 +1,6 @@
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import SHARED
@@ -7,35 +10,101 @@ from experiments.data import (
     check_data,
     load_examples,
     make_batches,
+    read_tsv,
     sample_indices,
     tokenize,
 )
 from experiments.errors import RunError
-from experiments.metrics import compute_metrics
+from experiments.metrics import METRICS, compute_metrics
 
 SST2 = TaskSpec(name="sst2", kind="classification", num_labels=2, metric="accuracy",
                 text_columns=("sentence",), label_column="label",
                 local_dir=str(SHARED / "glue" / "SST-2"), hub_path="nyu-mll/glue", hub_name="sst2")
 STSB = TaskSpec(name="stsb", kind="regression", num_labels=1, metric="pearson_spearman",
                 text_columns=("sentence1", "sentence2"), label_column="score",
-                local_dir=str(SHARED / "glue" / "STS-B"),
-                train_files=("train.tsv", "train-subset.tsv"))
+                local_dir=str(SHARED / "glue" / "STS-B"))
 
 
-def test_real_sst2_files_load_completely():
-    train, dev = load_examples(SST2, "train"), load_examples(SST2, "eval")
-    assert len(train.texts) == 67349 and len(dev.texts) == 872  # the published split sizes
-    assert int((train.labels == 1).sum()) == 37569 and int((train.labels == 0).sum()) == 29780
-    assert not any("\r" in t[0] for t in train.texts)
-    assert dev.texts[0] == ("one long string of cliches .",)
+def real_spec(task: str) -> TaskSpec:
+    """The task as ``conf/task/<task>.yaml`` defines it, on ../shared/data."""
+    from test_run import config
+
+    from experiments.runner import task_spec
+
+    return task_spec(config([f"task={task}", f"paths.data_dir={SHARED}"]).task)
 
 
-def test_real_stsb_files_load_with_the_subset_fallback():
-    train, dev = load_examples(STSB, "train"), load_examples(STSB, "eval")
-    assert train.source.endswith("train-subset.tsv") and len(train.texts) == 4249
-    assert len(dev.texts) == 1500 and dev.labels.dtype == np.float32
-    assert dev.labels.min() >= 0 and dev.labels.max() <= 5
-    assert dev.texts[0] == ("A man is playing the cello.", "A man seated is playing the cello.")
+# ../shared/data/README.md (version 2): rows and label counts in label-id order (SST-2, MRPC,
+# CoLA: 0, 1; RTE: entailment, not_entailment). MRPC and CoLA train label counts, not in the
+# README, are GLUE's published ones (MRPC 67.4% paraphrases, CoLA 70.4% acceptable).
+REAL = {
+    "sst2": {"train": (67349, [29780, 37569]), "eval": (872, [428, 444])},
+    "stsb": {"train": (5749, None), "eval": (1500, None)},
+    "rte": {"train": (2490, [1249, 1241]), "eval": (277, [146, 131])},
+    "mrpc": {"train": (3668, [1194, 2474]), "eval": (408, [129, 279])},
+    "cola": {"train": (8551, [2528, 6023]), "eval": (1043, [322, 721])},
+}
+# one row of each dev file, as GLUE distributes it (its position in the file)
+DEV_ROWS = {
+    "sst2": (0, ("it 's a charming and often affecting journey .",), 1),
+    "stsb": (0, ("A man with a hard hat is dancing.", "A man wearing a hard hat is dancing."),
+             5.0),
+    "rte": (0, ("Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer "
+                "at age 44, according to the Christopher Reeve Foundation.",
+                "Christopher Reeve had an accident."), 1),
+    "mrpc": (0, ("He said the foodservice pie business doesn 't fit the company 's long-term "
+                 "growth strategy .", '" The foodservice pie business does not fit our '
+                 'long-term growth strategy .'), 1),
+    "cola": (-1, ("John talked to Bill about himself.",), 1),  # the last line has no newline
+}
+
+
+@pytest.mark.parametrize("task", sorted(REAL))
+def test_real_glue_files_load_completely(task, caplog):
+    """Every v2 file of ../shared/data read as GLUE distributes it, through the task's config:
+    the published row and label counts, no row skipped or warned about."""
+    spec = real_spec(task)
+    for split, (rows, counts) in REAL[task].items():
+        examples = load_examples(spec, split)
+        assert Path(examples.source).parent == SHARED / "glue" / Path(spec.local_dir).name
+        assert Path(examples.source).name == {"train": "train.tsv", "eval": "dev.tsv"}[split]
+        assert len(examples.texts) == len(examples.labels) == rows
+        assert all(len(t) == len(spec.text_columns) and all(t) for t in examples.texts)
+        assert not any(f != f.strip() for t in examples.texts for f in t)
+        if counts is None:  # STS-B: scores in 0..5
+            assert examples.labels.dtype == np.float32
+            assert examples.labels.min() >= 0 and examples.labels.max() <= 5
+        else:
+            assert np.bincount(examples.labels, minlength=2).tolist() == counts
+    index, texts, label = DEV_ROWS[task]
+    dev = load_examples(spec, "eval")
+    assert dev.texts[index] == texts and dev.labels[index] == label
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_mrpc_byte_order_mark_is_not_part_of_the_first_column():
+    path = SHARED / "glue" / "MRPC" / "dev.tsv"
+    assert path.read_bytes().startswith(b"\xef\xbb\xbfQuality\t")
+    columns, rows = read_tsv(path)
+    assert columns == ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    assert len(rows) == 408 and rows[0][0] == 2
+
+
+def test_cola_has_no_header_and_keeps_its_last_unterminated_line():
+    path = SHARED / "glue" / "CoLA" / "dev.tsv"
+    assert not path.read_bytes().endswith(b"\n")
+    spec = real_spec("cola")
+    assert not spec.header and spec.metric == "mcc" and spec.max_seq_length == 64
+    columns, rows = read_tsv(path, spec.header, spec.column_names)
+    assert rows[0][0] == 1 and rows[-1][0] == 1043 and rows[0][1][0] == "gj04"
+
+
+def test_task_configs_use_the_glue_metrics_and_files():
+    assert real_spec("mrpc").metric == "accuracy_f1"
+    assert METRICS["accuracy_f1"] == ("accuracy", "f1")
+    assert METRICS[real_spec("cola").metric] == ("mcc",)
+    assert real_spec("stsb").train_files == ("train.tsv",)  # v2 ships the complete train split
+    assert real_spec("sst2").max_seq_length == 64 and real_spec("mrpc").max_seq_length == 128
 
 
 def test_missing_columns_name_the_file_and_the_fix(tmp_path):
