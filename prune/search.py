@@ -20,9 +20,31 @@ exceed the budget, takes a negative neuron count as a Python slice (all but the 
 neurons), so it can keep far more than the budget (0.339 of the FLOPs at constraint 0.3 on
 BERT-base MNLI shapes); here a split that does not fit is never chosen, and zero heads is a
 candidate. Its latency search keeps the flat part of every layer; here whole layers may go.
+
+Aligned widths (``granularity = g``, beyond the paper): on a GPU in float16/bfloat16 a kept FFN
+width that is not a multiple of 8 misses the tensor cores, and the pruned model can be slower
+than the unpruned one. With ``g > 1`` a layer keeps 0, g, 2g, ... FFN neurons, or its full width
+``N`` when ``N`` is not a multiple of ``g`` (``allowed_counts``). The choice is made inside the
+search, not by rounding afterwards, so the budget still holds. Each layer's neurons, sorted by
+importance, form blocks of ``g`` (the last one ``N mod g`` wide when ``g`` does not divide
+``N``); a block costs its width times the neuron cost, and Algorithm 1 runs over (heads,
+blocks): the blocks of all layers ranked by importance per neuron, the budget left after ``h``
+heads going to the longest prefix of blocks that fits. Block sums never increase within a layer,
+so when ``g`` divides ``N`` every block costs the same and this is exactly optimal for every
+number of blocks, as Algorithm 1 is for neurons; with a narrower last block it is the greedy
+knapsack (the budget holds, optimality is not guaranteed). ``g = 1`` is the search above,
+unit for unit. Under a latency model a kept layer takes the fewest whole blocks covering the
+threshold (``ceil(threshold / g) * g`` neurons, capped at ``N``) and is charged the curve at that
+width, ``flat + slope * (base - threshold)``; blocks above it cost ``g * slope``. Heads are not
+grouped (a head is already ``head_size`` features wide); ``check_granularity`` warns when ``g``
+does not divide the head size.
 """
 
 from __future__ import annotations
+
+import logging
+import math
+from numbers import Integral
 
 import torch
 
@@ -31,6 +53,7 @@ from prune.errors import PruneError
 from prune.masks import Masks
 
 EPS = 1e-9
+log = logging.getLogger(__name__)
 
 
 def check_constraint(constraint: float) -> float:
@@ -46,13 +69,41 @@ def check_constraint(constraint: float) -> float:
     return constraint
 
 
+def check_granularity(granularity: int, head_size: int | None = None) -> int:
+    """``granularity`` as an int, or ``PruneError``; one warning line when it does not divide
+    ``head_size`` (the kept heads' width is then not a multiple of it)."""
+    if isinstance(granularity, bool) or not isinstance(granularity, Integral) or granularity < 1:
+        raise PruneError(
+            f"granularity={granularity!r}: use a positive integer, the step of FFN neurons a "
+            f"layer keeps, e.g. granularity=8 for float16/bfloat16 on a GPU (1 = any count)")
+    granularity = int(granularity)
+    if head_size is not None and granularity > 1 and head_size % granularity:
+        log.warning("granularity %d does not divide the head size %d: kept FFN widths are "
+                    "aligned, kept attention widths are not", granularity, head_size)
+    return granularity
+
+
+def allowed_counts(width: int, granularity: int) -> list[int]:
+    """The numbers of units a layer of ``width`` units may keep: 0, g, 2g, ... up to ``width``,
+    and ``width`` itself when ``g`` does not divide it."""
+    counts = list(range(0, width + 1, granularity))
+    return counts if counts[-1] == width else [*counts, width]
+
+
 def best_split(head_cum: torch.Tensor, neuron_cum: torch.Tensor, head_cost: float,
-               neuron_cost: float, budget: float, scale: float) -> tuple[float, int, int]:
+               neuron_cost: float, budget: float, scale: float,
+               width_cum: torch.Tensor | None = None) -> tuple[float, int, int]:
     """Algorithm 1 on sorted cumulative importances (``[0, i_1, i_1 + i_2, ...]``): the best
-    total importance and the numbers of heads and neurons, or ``-inf`` if nothing fits."""
+    total importance and the numbers of heads and neurons (blocks), or ``-inf`` if nothing fits.
+
+    ``width_cum`` (``[0, w_1, w_1 + w_2, ...]``) gives the neurons of each block when the
+    candidates are blocks: the longest prefix of blocks whose width fits is taken."""
     heads = torch.arange(head_cum.numel(), dtype=torch.float64)
     rest = budget - heads * head_cost
-    if neuron_cost > 0:
+    if neuron_cost > 0 and width_cum is not None:  # [h] the blocks whose neurons fit
+        fit = torch.floor(rest / neuron_cost + EPS).clamp(min=0)
+        neurons = torch.searchsorted(width_cum, fit, right=True) - 1
+    elif neuron_cost > 0:
         neurons = torch.floor(rest / neuron_cost + EPS).clamp(0, neuron_cum.numel() - 1).long()
     else:
         neurons = torch.full_like(heads, neuron_cum.numel() - 1).long()
@@ -62,11 +113,12 @@ def best_split(head_cum: torch.Tensor, neuron_cum: torch.Tensor, head_cost: floa
     return float(score[best]), best, int(neurons[best])
 
 
-def _base_count(curve: UnitCurve, units: int) -> int:
-    """Units a kept layer gets for its flat cost (all of them below the threshold)."""
+def _base_count(curve: UnitCurve, units: int, granularity: int = 1) -> int:
+    """Units a kept layer gets for its flat cost (all of them below the threshold), in whole
+    blocks of ``granularity`` (capped at the layer's width)."""
     if curve.flat <= 0:
         return 0
-    return min(units, max(int(curve.threshold), 1))
+    return min(units, math.ceil(max(int(curve.threshold), 1) / granularity) * granularity)
 
 
 def _layer_choices(curve: UnitCurve, num_layers: int) -> range:
@@ -80,36 +132,52 @@ def _cum(values: torch.Tensor) -> torch.Tensor:
 
 
 class _Part:
-    """One kind of unit (heads or neurons): per-layer ranking, base units and candidates."""
+    """One kind of unit (heads or neurons): per-layer ranking, base units and candidate blocks
+    of ``granularity`` units above the base (single units for ``granularity = 1``)."""
 
-    def __init__(self, importance: torch.Tensor, curve: UnitCurve):
+    def __init__(self, importance: torch.Tensor, curve: UnitCurve, granularity: int = 1):
         self.importance = importance.double().cpu()  # [L, n]
+        L, n = self.importance.shape
         self.curve = curve
-        self.base = _base_count(curve, importance.shape[1])
+        self.base = _base_count(curve, n, granularity)
+        self.base_cost = float(curve(self.base)) if self.base else 0.0  # a kept layer's base
         order = torch.sort(self.importance, dim=1, descending=True, stable=True).indices
         self.order = order  # [L, n] units of each layer, most important first
         ranked = self.importance.gather(1, order)
         self.layer_score = ranked[:, : self.base].sum(dim=1)  # [L]
         self.layer_rank = torch.sort(self.layer_score, descending=True, stable=True).indices
+        above = ranked[:, self.base:]  # [L, m]
+        full, part = divmod(n - self.base, granularity)
+        value = above[:, : full * granularity].reshape(L, full, granularity).sum(dim=2)
+        width = [granularity] * full
+        if part:
+            value = torch.cat([value, above[:, full * granularity:].sum(dim=1, keepdim=True)], 1)
+            width.append(part)
+        self.width = torch.tensor(width, dtype=torch.float64)  # [K] units per block
+        self.value = value  # [L, K] importance of each layer's blocks, in rank order
+        # importance per unit, forced non-increasing within a layer (it is, up to rounding),
+        # so that a layer's chosen blocks are always its first ones
+        self.key = (value / self.width).cummin(dim=1).values  # [L, K]
 
-    def candidates(self, kept_layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(importance, flat index) of the units above the base in the kept layers, most
-        important first (ties by position)."""
-        L, n = self.importance.shape
-        extra = torch.zeros(L, n, dtype=torch.bool)
-        for layer in kept_layers.tolist():
-            extra[layer, self.order[layer, self.base:]] = True
-        flat = extra.flatten().nonzero().flatten()
-        values = self.importance.flatten()[flat]
-        rank = torch.sort(values, descending=True, stable=True).indices
-        return values[rank], flat[rank]
+    def candidates(self, kept_layers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(importance, width, layer) of the blocks above the base in the kept layers, best
+        importance per unit first (ties by layer, then rank)."""
+        layers = torch.sort(kept_layers).values
+        K = self.width.numel()
+        key, value = self.key[layers].flatten(), self.value[layers].flatten()
+        rank = torch.sort(key, descending=True, stable=True).indices
+        layer = layers.repeat_interleave(K)
+        return value[rank], self.width.repeat(layers.numel())[rank], layer[rank]
 
-    def mask(self, kept_layers: torch.Tensor, extra_units: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(self.importance.numel())
-        mask[extra_units] = 1.0
-        mask = mask.view_as(self.importance)
-        for layer in kept_layers.tolist():
-            mask[layer, self.order[layer, : self.base]] = 1.0
+    def mask(self, kept_layers: torch.Tensor, widths: torch.Tensor,
+             layers: torch.Tensor) -> torch.Tensor:
+        """Each kept layer's base, plus the chosen blocks (``widths`` in ``layers``)."""
+        counts = torch.zeros(self.importance.shape[0], dtype=torch.float64)
+        counts[kept_layers] = float(self.base)
+        counts.index_add_(0, layers, widths)
+        mask = torch.zeros_like(self.importance, dtype=torch.float32)
+        for layer, count in enumerate(counts.round().long().tolist()):
+            mask[layer, self.order[layer, :count]] = 1.0
         return mask
 
 
@@ -118,31 +186,37 @@ def search_masks(
     neuron_importance: torch.Tensor,  # [L, N]
     cost: CostModel,
     constraint: float,
+    granularity: int = 1,
 ) -> Masks:
     """Binary masks keeping the most important units whose cost fits ``constraint`` times the
-    unpruned model's cost under ``cost`` (FLOPs or latency)."""
+    unpruned model's cost under ``cost`` (FLOPs or latency); every layer keeps a number of FFN
+    neurons in ``allowed_counts(N, granularity)``."""
     constraint = check_constraint(constraint)
-    heads, neurons = _Part(head_importance, cost.attn), _Part(neuron_importance, cost.ffn)
+    granularity = check_granularity(granularity)
+    heads = _Part(head_importance, cost.attn)
+    neurons = _Part(neuron_importance, cost.ffn, granularity)
     L = head_importance.shape[0]
     budget = constraint * cost.full - cost.fixed
     best: tuple | None = None
     for k_attn in _layer_choices(cost.attn, L):
         for k_ffn in _layer_choices(cost.ffn, L):
-            rest = budget - k_attn * cost.attn.flat - k_ffn * cost.ffn.flat
+            rest = budget - k_attn * heads.base_cost - k_ffn * neurons.base_cost
             if rest < -EPS * cost.full:
                 continue
             attn_layers, ffn_layers = heads.layer_rank[:k_attn], neurons.layer_rank[:k_ffn]
-            h_val, h_idx = heads.candidates(attn_layers)
-            n_val, n_idx = neurons.candidates(ffn_layers)
+            h_val, _, h_layer = heads.candidates(attn_layers)
+            n_val, n_width, n_layer = neurons.candidates(ffn_layers)
             score, h, n = best_split(_cum(h_val), _cum(n_val), cost.attn.slope,
-                                     cost.ffn.slope, rest, cost.full)
+                                     cost.ffn.slope, rest, cost.full, _cum(n_width))
             score += float(heads.layer_score[attn_layers].sum()
                            + neurons.layer_score[ffn_layers].sum())
             if best is None or score > best[0]:
-                best = (score, attn_layers, h_idx[:h], ffn_layers, n_idx[:n])
+                best = (score, attn_layers, h_layer[:h], ffn_layers, n_width[:n], n_layer[:n])
     if best is None or best[0] == -float("inf"):
         raise PruneError(
             f"constraint {constraint} is below what the model costs with every head and neuron "
             f"removed ({cost.fixed / cost.full:.2f} of its {cost.unit}); raise the constraint")
-    _, attn_layers, h_idx, ffn_layers, n_idx = best
-    return Masks(heads.mask(attn_layers, h_idx), neurons.mask(ffn_layers, n_idx))
+    _, attn_layers, h_layer, ffn_layers, n_width, n_layer = best
+    head_mask = heads.mask(attn_layers, torch.ones(h_layer.numel(), dtype=torch.float64),
+                           h_layer)
+    return Masks(head_mask, neurons.mask(ffn_layers, n_width, n_layer))
