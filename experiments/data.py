@@ -97,6 +97,9 @@ def find_local_file(spec: TaskSpec, split: str) -> Path | None:
         return None
     for name in spec.split_files(split):
         path = Path(spec.local_dir) / name
+        if path.is_dir():
+            raise RunError(f"{path} is a directory; task {spec.name} needs the GLUE file "
+                           f"{name} there (task.local_dir= names the folder holding it)")
         if path.is_file():
             return path
     return None
@@ -128,8 +131,8 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
         except UnicodeDecodeError as err:
             raise RunError(f"{path}, line {number}: not UTF-8 text ({err.reason} at byte "
                            f"{err.start} of the line); re-save the file as UTF-8") from None
-        if number == 1:
-            line = line.removeprefix(BOM)
+        if number == 1:  # a file re-saved by an editor may carry the mark twice
+            line = line.lstrip(BOM)
         if line.strip():
             out.append((number, line))
     return out
@@ -282,7 +285,7 @@ def local_fix(spec: TaskSpec, split: str) -> str:
     """Where the local files of ``split`` are looked for, and how to point there."""
     names = spec.split_files(split)
     local = f"{spec.local_dir}/{{{','.join(names)}}}" if spec.local_dir else "(no local dir set)"
-    return f"put the GLUE files at {local} (paths.data_dir= or task.local_dir=)"
+    return f"put the task's files at {local} (paths.data_dir= or task.local_dir=)"
 
 
 def require_hub(spec: TaskSpec, split: str) -> None:

@@ -20,11 +20,6 @@ from experiments.metrics import METRICS, compute_metrics
 SST2 = TaskSpec(name="sst2", kind="classification", num_labels=2, metric="accuracy",
                 text_columns=("sentence",), label_column="label",
                 local_dir=str(SHARED / "glue" / "SST-2"), hub_path="nyu-mll/glue", hub_name="sst2")
-STSB = TaskSpec(name="stsb", kind="regression", num_labels=1, metric="pearson_spearman",
-                text_columns=("sentence1", "sentence2"), label_column="score",
-                local_dir=str(SHARED / "glue" / "STS-B"))
-
-
 def real_spec(task: str) -> TaskSpec:
     """The task as ``conf/task/<task>.yaml`` defines it, on ../shared/data."""
     from test_run import config
