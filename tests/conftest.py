@@ -105,7 +105,7 @@ def write_tokenizer(path: Path) -> None:
     words = [w for w, _ in counts.most_common(115 - len(specials))]
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(specials + words) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizerFast(vocab=str(path / "vocab.txt")).save_pretrained(path)  # not vocab_file: v5
 
 
 @pytest.fixture(scope="session")
