@@ -6,6 +6,10 @@ layer. The proxy loss of pruning a set P is ``sum_b (sum_{i in P} g_{b,i})^2`` o
 gradients ``g``. Starting from the search's choice, the kept units are visited in ascending
 importance; each is tentatively added to P and the unit of P whose removal gives the lowest proxy
 is dropped from it. One pass is the paper's algorithm; ``sweeps > 1`` repeats it until no change.
+
+Every step swaps one unit in for one unit out, so each layer keeps exactly the counts the search
+chose, including widths aligned to a granularity (``search_masks(..., granularity=g)``; tested
+in ``tests/test_align.py``).
 """
 
 from __future__ import annotations

@@ -35,9 +35,11 @@ number of blocks, as Algorithm 1 is for neurons; with a narrower last block it i
 knapsack (the budget holds, optimality is not guaranteed). ``g = 1`` is the search above,
 unit for unit. Under a latency model a kept layer takes the fewest whole blocks covering the
 threshold (``ceil(threshold / g) * g`` neurons, capped at ``N``) and is charged the curve at that
-width, ``flat + slope * (base - threshold)``; blocks above it cost ``g * slope``. Heads are not
-grouped (a head is already ``head_size`` features wide); ``check_granularity`` warns when ``g``
-does not divide the head size.
+width, ``flat + slope * (base - threshold)``; blocks above it cost ``g * slope`` (for ``g = 1``
+that charge is ``flat``, as before, whenever ``threshold >= 1``, which every fitted curve has; a
+hand-made curve with ``threshold = 0`` was undercharged one slope per kept layer and no longer
+is). Heads are not grouped (a head is already ``head_size`` features wide);
+``check_granularity(g, head_size)`` warns when ``g`` does not divide the head size.
 """
 
 from __future__ import annotations
