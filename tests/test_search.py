@@ -192,3 +192,18 @@ def test_latency_search_keeps_a_layers_most_important_units():
 def test_latency_search_rejects_an_impossible_budget():
     with pytest.raises(PruneError, match="raise the constraint"):
         search_masks(torch.rand(3, 4), torch.rand(3, 16), latency_like(), 0.05)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("constraint", [0.3, 0.5, 0.7, 0.9])
+def test_latency_search_with_a_zero_threshold_respects_the_budget(seed, constraint):
+    """A curve flat up to 0 units costs ``flat + slope`` for one unit: a kept layer's base unit
+    is charged at the curve (earlier only ``flat``, up to 14% over the budget here)."""
+    g = torch.Generator().manual_seed(seed)
+    cost = CostModel(attn=UnitCurve(slope=1.0, flat=2.0, threshold=0),
+                     ffn=UnitCurve(slope=0.25, flat=2.0, threshold=0), num_layers=3,
+                     num_heads=4, num_neurons=16, fixed=1.5, unit="latency")
+    masks = search_masks(torch.rand(3, 4, generator=g), torch.rand(3, 16, generator=g), cost,
+                         constraint)
+    assert cost.total(masks.heads_per_layer(), masks.neurons_per_layer()) <= \
+        constraint * cost.full * (1 + 1e-9)
