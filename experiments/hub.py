@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from experiments.errors import RunError
+
+log = logging.getLogger(__name__)
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -57,6 +60,7 @@ def hub_dataset(path: str, name: str | None, split: str, fix: str):
         raise RunError(f"loading {where} from the hub needs the `datasets` package "
                        f"(pip install datasets); or {fix}") from None
     not_found = getattr(getattr(datasets, "exceptions", None), "DatasetNotFoundError", ())
+    log.info("loading %s from the Hugging Face hub (no local file; to use one: %s)", where, fix)
     try:
         return datasets.load_dataset(path, name, split=split)
     except connection_errors() as err:

@@ -38,6 +38,19 @@ def test_label_strings_map_to_the_hub_ids():
     assert cola.texts[1] == ("They drank the pub.",)
 
 
+@pytest.mark.parametrize("model", ["minilm", "mpnet"])
+@pytest.mark.parametrize("task", ["stsb", "rte", "mrpc", "cola"])
+def test_small_tasks_fine_tune_on_all_their_data_at_their_length(model, task):
+    """``model.finetune_tasks``: the small tasks train on all their data for 3 epochs, at the
+    task's official length (pairs 128, CoLA 64); MPNet's batches stay length-grouped."""
+    cfg = config([f"model={model}", f"task={task}"])
+    own = cfg.model.finetune_tasks[task]
+    assert set(own) <= set(cfg.model.finetune)  # only known fine-tune options
+    assert own.train_samples is None and own.epochs == 3
+    assert own.max_seq_length == cfg.task.max_seq_length == (64 if task == "cola" else 128)
+    assert cfg.model.finetune.group_by_length == (model == "mpnet")
+
+
 def test_squad_json_reader_keeps_unanswerable_questions():
     v2 = squad.read_squad_json(FIXTURES / "squad" / "dev-v2.0.json")
     assert len(v2) == 7 and sum(not e.answers for e in v2) == 2
