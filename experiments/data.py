@@ -2,10 +2,13 @@
 
 A ``TaskSpec`` names a task's columns, labels and metric for both sources. Local files are read
 first when present; otherwise the hub is tried, unless the machine is offline, in which case the
-error names both fixes. Files are validated as they are read (UTF-8, a header with the needed
-columns, at least one well-formed row, labels of the task's kind and range): bad data stops the
-run with the file and line, before any weights are loaded. Examples are tokenised once without
-padding and batched with dynamic padding (each batch padded to its longest sequence).
+error names both fixes. Files are read as GLUE distributes them (a leading UTF-8 byte-order
+mark dropped, a last line without a newline kept) and validated as they are read (UTF-8, a header
+with the needed columns, labels of the task's kind and range; a few rows with the wrong number of
+fields or an empty text are skipped with their line numbers, mostly such rows is a re-saved file):
+bad data stops the run with the file and line, before any weights are loaded. Examples are
+tokenised once without padding and batched with dynamic padding (each batch padded to its longest
+sequence).
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ def read_tsv(path: Path, header: bool = True, column_names: tuple[str, ...] | No
     good = [(n, r) for n, r in shaped if all(r[i] for i in need)]
     bad = [n for n, r in body if len(r) != len(columns) or not all(r[i] for i in need)]
     if len(bad) > len(good):
-        empty = f"or an empty {'/'.join(repr(c) for c in required)} " if need else ""
+        empty = f"or an empty {'/'.join(repr(columns[i]) for i in need)} " if need else ""
         raise RunError(
             f"{path}: {len(bad)} of {len(body)} rows are malformed (not {len(columns)} "
             f"tab-separated fields {empty}at {listed(bad)}); the file looks re-saved with its "
