@@ -144,9 +144,8 @@ def _take_lock(lock: Path) -> bool:
     that cannot be written is no reason to wait: the lock is then skipped."""
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        log.warning("cannot lock the Fisher cache %s (%s); computing without a lock", lock,
-                    write_failure(err))
+    except OSError as err:  # writing the entry will warn
+        log.debug("no lock %s (%s); computing without one", lock, write_failure(err))
         return True
     for _ in range(2):
         try:
@@ -161,9 +160,8 @@ def _take_lock(lock: Path) -> bool:
             except OSError:
                 return True  # cannot be removed: compute without it
             continue
-        except OSError as err:
-            log.warning("cannot lock the Fisher cache %s (%s); computing without a lock", lock,
-                        write_failure(err))
+        except OSError as err:  # writing the entry will warn
+            log.debug("no lock %s (%s); computing without one", lock, write_failure(err))
             return True
         with os.fdopen(fd, "w") as handle:
             handle.write(f"{socket.gethostname()}:{os.getpid()}")
