@@ -66,28 +66,38 @@ def prune_todo(plan) -> None:
         log.info("results: %s", path / "results.json")
 
 
-def summary_table(r: dict) -> str:
-    key, t = r["metric"], r["timings"]
+def summary_table(r) -> str:
+    """A finished run (``experiments.records.Record``) in a few lines."""
+    key, t = r.metric, r.timings
     rows = [
-        ("model / task", f"{r['model']} / {r['task']}  (constraint {r['constraint']})"),
-        (f"{key} baseline", f"{100 * r['baseline'][key]:.2f}"),
-        (f"{key} pruned", f"{100 * r['pruned'][key]:.2f}  (drop {r['drop']:+.2f} points)"),
-        *((f"{k} base/pruned", f"{100 * r['baseline'][k]:.2f} / {100 * r['pruned'][k]:.2f}")
-          for k in r["baseline"] if "/" in k and k.endswith("/" + key)),
-        ("FLOPs kept", f"{r['flops']['ratio']:.3f}  ({r['flops']['pruned'] / 1e9:.3f} / "
-                       f"{r['flops']['baseline'] / 1e9:.3f} GFLOPs at seq {r['seq_len']:.2f})"),
-        *((("latency (ms)", f"{1e3 * r['latency']['baseline']['median']:.1f} -> "
-                              f"{1e3 * r['latency']['pruned']['median']:.1f}  (ratio "
-                              f"{r['latency']['ratio']:.3f}, batch {r['latency']['batch_size']} "
-                              f"x seq {r['latency']['seq_len']})"),) if r.get("latency") else ()),
-        ("heads / neurons kept", f"{r['masks']['heads_kept']}/{r['masks']['heads_total']}, "
-                                 f"{r['masks']['neurons_kept']}/{r['masks']['neurons_total']}"),
+        ("model / task", f"{r.model} / {r.task}  (constraint {r.constraint:g})"),
+        (f"{key} baseline", f"{100 * r.baseline[key]:.2f}"),
+        (f"{key} pruned", f"{100 * r.pruned[key]:.2f}  (drop {r.drop:+.2f} points)"),
+        *((f"{k} base/pruned", f"{100 * r.baseline[k]:.2f} / {100 * r.pruned[k]:.2f}")
+          for k in r.baseline if "/" in k and k.endswith("/" + key)),
+        ("FLOPs kept", f"{r.flops['ratio']:.3f}  ({r.flops['pruned'] / 1e9:.3f} / "
+                       f"{r.flops['baseline'] / 1e9:.3f} GFLOPs at seq {r.seq_len:.2f})"),
+        *((("latency (ms)", latency_line(r.latency)),) if r.latency else ()),
+        ("heads / neurons kept", f"{r.masks['heads_kept']}/{r.masks['heads_total']}, "
+                                 f"{r.masks['neurons_kept']}/{r.masks['neurons_total']}"),
         ("time (s)", "  ".join(f"{k} {t[k]:.1f}" for k in
                                ("fisher", "search", "rearrange", "tune", "physical",
                                 "pruning_total", "eval_baseline", "eval_pruned") if k in t)),
+        ("code", f"{r.code or 'unknown'} (digest of the source that made these numbers)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def latency_line(lat: dict) -> str:
+    """Baseline and pruned median latency, their ratio, and a warning when the timing's
+    spread is too large to trust the ratio."""
+    text = (f"{1e3 * lat['baseline']['median']:.1f} -> {1e3 * lat['pruned']['median']:.1f}  "
+            f"(ratio {lat['ratio']:.3f}, batch {lat['batch_size']} x seq {lat['seq_len']})")
+    if lat.get("noisy"):
+        text += "  NOISY: the timings' spread is too large to trust this ratio (other work " \
+                "shared the machine?); re-time on a quiet machine (make bench)"
+    return text
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

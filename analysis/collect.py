@@ -22,11 +22,13 @@ from analysis.identity import (
     stage_of,
     variant_of,
 )
+from experiments.identity import code_of
+from experiments.records import Record
 
 log = logging.getLogger(__name__)
 
 LABELS = ["model", "task", "metric", "kind", "constraint", "stage", "variant", "detail",
-          "setting"]
+          "setting", "code"]
 VALUES = ["baseline", "pruned", "drop", "flops_ratio", "latency_ratio", "speedup", "heads_kept",
           "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune", "t_physical",
           "t_pruning", "fisher_seconds", "fisher_samples", "adaptive_samples", "num_samples"]
@@ -34,6 +36,7 @@ EXTRA = ["importance", "num_samples_setting", "tune_samples", "fisher_key", "fis
          "sweeps",
          "repeats", "complete", "path"]
 COLUMNS = LABELS + ["seed"] + VALUES + EXTRA
+PAIRED = ["pruned", "t_tune"]  # values whose per-seed numbers a summary keeps (``_by_seed``)
 HIDDEN = ["_identity", "_departures"]  # the setting's identity and departures, for the tables
 
 
@@ -43,51 +46,51 @@ def tuned_on(cap: int | None, num_samples: int | None) -> int | None:
     return min(cap, num_samples) if cap and num_samples else num_samples
 
 
-def fisher_seconds(record: dict) -> float | None:
+def fisher_seconds(record: Record) -> float | None:
     """Seconds the Fisher pass took, when this run computed it (``None`` on a cache hit)."""
-    cache = record.get("fisher_cache") or {}
+    cache = record.fisher_cache or {}
     if cache.get("hit"):
         return None
-    return cache.get("seconds", (record.get("timings") or {}).get("fisher"))
+    return cache.get("seconds", record.timings.get("fisher"))
 
 
-def row_of(record: dict, path: Path) -> dict:
-    """One run as a flat row: labels, numbers, and its identity (hidden columns)."""
-    identity = identity_of(record)
+def row_of(data: dict, path: Path) -> dict:
+    """One run (a ``results.json`` of any schema) as a flat row: labels, numbers, and its
+    identity (hidden columns). ``code`` is the digest of the source that made it (``unknown``
+    for records made before digests existed)."""
+    r = Record.from_dict(data)
+    identity = identity_of(data)
     setting = setting_of(identity)
     settings = identity.get("settings") or {}
     prune = settings.get("prune") or {}
-    key, t = record["metric"], record.get("timings") or {}
-    latency, cache = record.get("latency") or {}, record.get("fisher_cache") or {}
+    key, t = r.metric, r.timings
+    latency, cache, masks = r.latency or {}, r.fisher_cache or {}, r.masks or {}
+    seed = data.get("seed", settings.get("seed", 0))
     return {
-        "model": record["model"], "task": record["task"], "metric": key,
-        "kind": record.get("constraint_kind", "flops"),
-        "constraint": float(record["constraint"]), "stage": stage_of(settings),
+        "model": r.model, "task": r.task, "metric": key, "kind": r.constraint_kind,
+        "constraint": r.constraint, "stage": stage_of(settings),
         "variant": variant_of(settings), "detail": "", "setting": short_hash(setting),
-        "seed": record.get("seed", settings.get("seed", 0)),
-        "baseline": 100 * record["baseline"][key], "pruned": 100 * record["pruned"][key],
-        "drop": record.get("drop"), "flops_ratio": record["flops"]["ratio"],
-        "latency_ratio": latency.get("ratio"),
+        "code": (code_of(identity) or "unknown")[:7], "seed": seed,
+        "baseline": 100 * r.baseline[key], "pruned": 100 * r.pruned[key],
+        "drop": r.drop, "flops_ratio": r.flops["ratio"], "latency_ratio": latency.get("ratio"),
         "speedup": 1 / latency["ratio"] if latency.get("ratio") else None,
-        "heads_kept": (record.get("masks") or {}).get("heads_kept"),
-        "neurons_kept": (record.get("masks") or {}).get("neurons_kept"),
+        "heads_kept": masks.get("heads_kept"), "neurons_kept": masks.get("neurons_kept"),
         "t_fisher": t.get("fisher"), "t_search": t.get("search"),
         "t_rearrange": t.get("rearrange"), "t_tune": t.get("tune"),
         "t_physical": t.get("physical"), "t_pruning": t.get("pruning_total"),
-        "fisher_seconds": fisher_seconds(record),
-        "fisher_samples": cache.get("samples", record.get("num_samples")),
+        "fisher_seconds": fisher_seconds(r),
+        "fisher_samples": cache.get("samples", r.num_samples),
         "adaptive_samples": (cache.get("adaptive") or {}).get("samples"),
-        "num_samples": record.get("num_samples"),
+        "num_samples": r.num_samples,
         "importance": prune.get("importance", "fisher"),
-        "num_samples_setting": str(prune.get("num_samples", record.get("num_samples"))),
-        "tune_samples": tuned_on(prune.get("tune_samples"), record.get("num_samples")),
+        "num_samples_setting": str(prune.get("num_samples", r.num_samples)),
+        "tune_samples": tuned_on(prune.get("tune_samples"), r.num_samples),
         "fisher_key": cache.get("key"), "fisher_cache_hit": cache.get("hit"),
-        "sweeps": (record.get("config") or {}).get("sweep_name") or "",
-        "complete": record.get("complete", True),  # false: masks or model not (yet) saved
+        "sweeps": (r.config or {}).get("sweep_name") or "",
+        "complete": r.complete,  # false: masks or model not (yet) saved
         "path": str(path.parent),
         "_identity": setting, "_departures": departures_of(settings),
-        "_run": short_hash({**setting, "seed": record.get("seed", settings.get("seed", 0)),
-                            "constraint": float(record["constraint"])}, 16),
+        "_run": short_hash({**setting, "seed": seed, "constraint": r.constraint}, 16),
     }
 
 
@@ -159,6 +162,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     out["sweeps"] = grouped["sweeps"].agg(
         lambda s: ",".join(sorted({x for v in s for x in str(v).split(",") if x})))
     out["seeds"] = grouped["seed"].agg(lambda s: ",".join(str(x) for x in sorted(s)))
+    for value in PAIRED:  # per-seed values, for paired comparisons
+        out[f"{value}_by_seed"] = grouped[["seed", value]].apply(
+            lambda g, v=value: {int(k): float(x) for k, x in zip(g["seed"], g[v], strict=True)
+                                if pd.notna(x)})
     numbers = runs[keys + VALUES].copy()
     numbers[VALUES] = numbers[VALUES].apply(pd.to_numeric, errors="coerce")
     agg = numbers.groupby(keys, sort=False)[VALUES].agg(["mean", "std", "count"])

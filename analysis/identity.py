@@ -1,8 +1,8 @@
 """Which runs are the same experiment, and what to call them.
 
-A run's *identity* is everything its result depends on (``experiments.runner.run_identity``):
-the settings (the resolved config without neutral keys), data and checkpoint digests, device,
-code versions, and the constraint. Runs whose identities differ only in the seed are seeds of
+A run's *identity* is everything its result depends on (``experiments.identity``): the
+settings (the resolved config without neutral keys), data and checkpoint digests, device, the
+code digest, and the constraint. Runs whose identities differ only in the seed are seeds of
 one *setting* (averaged); identical identities are repeats of one run (counted once). Records
 written before the identity existed get one derived from their config and top-level fields.
 
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 from functools import cache
 from pathlib import Path
 
 import yaml
 
-from experiments.config import PruneConf, used_identity
+from experiments.config import PruneConf
+from experiments.identity import canonical, key_hash, settings_of, used_identity
 
 STAGE_KEYS = ("rearrange", "tune", "tune_teacher")  # define the stage, not the variant
 PATH_KEYS = ("fisher_cache_dir", "sample_file")  # where inputs live (their content is keyed)
@@ -46,12 +45,8 @@ def official_prune() -> dict:
         return {}
 
 
-def canonical(value) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
 def short_hash(value, n: int = 10) -> str:
-    return hashlib.sha256(canonical(value).encode()).hexdigest()[:n]
+    return key_hash(value, n)
 
 
 def identity_of(record: dict) -> dict:
@@ -68,8 +63,6 @@ def derived_identity(record: dict) -> dict:
     """An identity for an older record: its config without neutral keys, completed from the
     record's own fields (model, task, kind, seed, sample count; ``tune_samples`` unset meant
     tuning on all samples before the option existed), checkpoint, device and versions."""
-    from experiments.runner import settings_of  # heavy import, only for older records
-
     settings = settings_of(copy.deepcopy(record.get("config") or {}))
     fills = {"model.name": record["model"], "task.name": record["task"],
              "constraint_kind": record.get("constraint_kind", "flops"),

@@ -1,8 +1,10 @@
 """Mean and spread over seeds, and when two settings differ at all.
 
-One seed is not a result: every cell is ``mean ± sample std`` over seeds, and a comparison of two
-settings whose means are closer than their spread (``|difference| <= the larger std``) reads "no
-difference"; with one seed on each side there is no spread to judge by, and the cell says so.
+One seed is not a result: every cell is ``mean ± sample std`` over seeds. A comparison of two
+settings is **paired**: the per-seed differences on the seeds both ran (the seed draws the
+sample set, so a seed's two runs share their samples), as ``mean ± sample std`` of those
+differences; it reads "no difference" when ``|mean| <= std`` of the differences. With one
+common seed there is no spread to judge by, and the cell says so; with none, ``--``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 N_SEEDS = 3  # the sweeps' seed count: cells with another count say so
-NOTE = ("mean ± sample std over seeds; (n=k): k seeds, when not 3; \"no difference (Δ)\": "
-        "|Δ| <= the larger std of the two; \"Δ (n=1)\": one seed each, no spread to judge by")
+NOTE = ("mean ± sample std over seeds; (n=k): k seeds, when not 3; comparisons (\"vs\") are "
+        "paired on the seeds both settings ran: mean ± std of the per-seed differences; \"no "
+        "difference\": |mean| <= that std; \"(n=1)\": one common seed, no spread to judge by")
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,22 @@ def difference(reference: Stat, other: Stat, digits: int = 2) -> str:
     if reference.n == 1 and other.n == 1:
         return f"{text} (n=1)"
     return f"no difference ({text})" if same(reference, other) else text
+
+
+def paired(reference: dict, other: dict, digits: int = 2) -> str:
+    """``other - reference`` paired on their common seeds (``{seed: value}`` each): ``+0.46 ±
+    0.20``, ``no difference (+0.12 ± 0.30)``, ``+7.00 (n=1)``; ``(n=k)`` when k is not
+    ``N_SEEDS``; ``--`` without a common seed."""
+    seeds = sorted(set(reference) & set(other))
+    diffs = [float(other[s]) - float(reference[s]) for s in seeds
+             if not (math.isnan(float(other[s])) or math.isnan(float(reference[s])))]
+    if not diffs:
+        return "--"
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) == 1:
+        return f"{mean:+.{digits}f} (n=1)"
+    std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    text = f"{mean:+.{digits}f} ± {std:.{digits}f}"
+    if len(diffs) != N_SEEDS:
+        text += f" (n={len(diffs)})"
+    return f"no difference ({text})" if abs(mean) <= std else text

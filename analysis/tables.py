@@ -21,7 +21,7 @@ from analysis.identity import (
     show,
     without,
 )
-from analysis.stats import NOTE, Stat, difference
+from analysis.stats import NOTE, Stat, paired
 
 PAPER_CSV = Path(__file__).with_name("paper_results.csv")
 STAGE_KEYS = ("settings.prune.rearrange", "settings.prune.tune", "settings.prune.tune_teacher")
@@ -110,10 +110,11 @@ def cell(settings: list[pd.Series], value: str = "pruned", digits: int = 2) -> s
 
 
 def compare(reference: list[pd.Series], other: list[pd.Series], value: str = "pruned") -> str:
-    """``other - reference`` with the no-difference rule; ``--`` unless one setting each."""
+    """``other - reference``, paired on the seeds both ran (``analysis.stats.paired``);
+    ``--`` unless one setting each."""
     if len(reference) != 1 or len(other) != 1:
         return "--"
-    return difference(Stat.of(reference[0], value), Stat.of(other[0], value))
+    return paired(reference[0][f"{value}_by_seed"], other[0][f"{value}_by_seed"])
 
 
 def frame(rows: list[dict], index: list[str], sort: bool = True) -> pd.DataFrame:

@@ -143,8 +143,9 @@ def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
         fisher = compute_fisher(model, adapter, batches, progress=False)
     modes = {}
     for mode in MODES:
-        opts = PruneOptions(constraint=0.5, tune=mode)
-        result = prune_masks(model, adapter, batches, cost, opts, fisher=fisher, progress=False)
+        opts = PruneOptions(tune=mode)
+        result = prune_masks(model, adapter, batches, cost, 0.5, opts, fisher=fisher,
+                             progress=False)
         timings = {**result.timings, "fisher": t["fisher"]}
         small = copy.deepcopy(model)
         with timed(timings, "physical"):
@@ -159,7 +160,7 @@ def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
     base = measure_latency(model, 32, 128, min_run_time)
     runs = {}
     for c in constraints:
-        result = prune_masks(model, adapter, batches, cost, PruneOptions(constraint=c),
+        result = prune_masks(model, adapter, batches, cost, c, PruneOptions(),
                              fisher=fisher, progress=False)
         small = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
         pruned = measure_latency(small, 32, 128, min_run_time)
@@ -198,7 +199,7 @@ def scaling(model, adapter, batches, cost, counts, main, samples) -> dict:
         tt: dict[str, float] = {}
         with timed(tt, "fisher"):
             f = compute_fisher(model, adapter, sub, progress=False)
-        r = prune_masks(model, adapter, sub, cost, PruneOptions(constraint=0.5), fisher=f,
+        r = prune_masks(model, adapter, sub, cost, 0.5, PruneOptions(), fisher=f,
                         progress=False)
         out[str(n)] = {"fisher": tt["fisher"], "tune": r.timings.get("tune", 0.0),
                        "total": tt["fisher"] + sum(r.timings.values())}

@@ -10,15 +10,23 @@ weights are loaded, each failure one line that names the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from experiments.data import SAMPLING, TaskSpec
 from experiments.errors import RunError
+from experiments.identity import (  # noqa: F401 - what a result depends on lives there
+    LATENCY_TABLE_KEYS,
+    task_finetune,
+    used_identity,
+    used_settings,
+)
 from prune import PruneError, PruneOptions
 
 
@@ -94,66 +102,6 @@ class RunConf:
     preset: str = "none"  # set by the preset group: none | official
 
 
-# Options of the latency lookup table: they change a run's result only under a latency
-# constraint, so a FLOPs-constrained run's identity leaves them out (a change of their defaults
-# does not re-run, or split from their seeds, the runs it cannot have changed).
-LATENCY_TABLE_KEYS = ("table_points", "table_min_run_time")
-
-
-# Fine-tune options added after checkpoints and records were made, with their defaults: at the
-# default they are left out of a run's identity, so that records made before they existed (which
-# do not name them) and after (which do) are one setting.
-FINETUNE_ADDED = {"group_by_length": False}
-
-
-def without_added_defaults(block):
-    """A fine-tune settings block without the ``FINETUNE_ADDED`` options left at their default
-    (for the fine-tune cache key and for a run's identity alike)."""
-    if not isinstance(block, dict):
-        return block
-    return {k: v for k, v in block.items()
-            if not (k in FINETUNE_ADDED and v == FINETUNE_ADDED[k])}
-
-
-def task_finetune(shared: dict, per_task, task: str | None) -> dict:
-    """The fine-tune settings a task uses: the shared ``model.finetune`` block updated with the
-    task's entry in ``model.finetune_tasks`` (epochs, samples, ...), if it has one."""
-    own = per_task.get(task) if isinstance(per_task, dict) else None
-    return {**shared, **own} if isinstance(own, dict) else dict(shared)
-
-
-def used_settings(settings: dict) -> dict:
-    """``settings`` (a resolved config as a dict) without the options this run cannot depend
-    on: the latency lookup table's unless ``constraint_kind`` is ``latency``; of the fine-tune
-    settings, only the ones of this run's task (``model.finetune`` updated with its entry in
-    ``model.finetune_tasks``, the other tasks' entries dropped), without the options added
-    later (``FINETUNE_ADDED``) left at their defaults. Applied again to its own output it
-    changes nothing, so stored identities of either form compare equal."""
-    model = settings.get("model")
-    if isinstance(model, dict):
-        model = {**model}
-        per_task = model.pop("finetune_tasks", None)
-        task = settings.get("task", {}).get("name") if isinstance(settings.get("task"),
-                                                                   dict) else None
-        if isinstance(model.get("finetune"), dict):
-            model["finetune"] = without_added_defaults(
-                task_finetune(model["finetune"], per_task, task))
-        settings = {**settings, "model": model}
-    latency = settings.get("latency")
-    if settings.get("constraint_kind", "flops") == "latency" or not isinstance(latency, dict):
-        return settings
-    return {**settings, "latency": {k: v for k, v in latency.items()
-                                    if k not in LATENCY_TABLE_KEYS}}
-
-
-def used_identity(identity: dict) -> dict:
-    """A run identity with ``used_settings``: how a record written before they were left out
-    compares with one written now."""
-    settings = identity.get("settings")
-    return {**identity, "settings": used_settings(settings)} if isinstance(settings, dict) \
-        else identity
-
-
 def register() -> None:
     """Make the schema known to Hydra as ``base_config`` (``conf/config.yaml`` extends it)."""
     cs = ConfigStore.instance()
@@ -180,13 +128,35 @@ def constraints_of(value) -> list[float]:
     return out
 
 
-def prune_options(prune_cfg, constraint: float) -> PruneOptions:
-    """The library options of one constraint; bad values stop here with one line."""
+def prune_options(prune_cfg) -> PruneOptions:
+    """The library options of a run; bad values stop here with one line."""
     values = {k: prune_cfg[k] for k in PruneOptions.defaults()}
     try:
-        return PruneOptions(constraint=constraint, **values)
+        return PruneOptions(**values)
     except PruneError as err:
         raise RunError(f"prune.{err}") from None
+
+
+def check_known_keys(cfg) -> None:
+    """Keys the schema does not know (Hydra's ``+key=value`` appends them; Hydra itself
+    suggests ``+`` for a mistyped key) stop here instead of being silently ignored."""
+    nodes = {"": RunConf, "prune.": PruneConf, "latency.": LatencyConf, "eval.": EvalConf,
+             "task.": TaskConf}
+    for prefix, schema in nodes.items():
+        node = OmegaConf.select(cfg, prefix[:-1]) if prefix else cfg
+        if node is None or not hasattr(node, "keys"):
+            continue
+        known = {f.name for f in dataclasses.fields(schema)}
+        unknown = sorted(set(node.keys()) - known - ({"variant", "stages"} if not prefix
+                                                     else set()))
+        if unknown:
+            everywhere = [f"{p}{f.name}" for p, sch in nodes.items()
+                          for f in dataclasses.fields(sch)]
+            close = difflib.get_close_matches(f"{prefix}{unknown[0]}", everywhere, n=1) or \
+                difflib.get_close_matches(unknown[0], everywhere, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise RunError(f"unknown option {prefix}{unknown[0]}{hint}: remove it; "
+                           f"`python run.py --cfg job` lists every option")
 
 
 def _positive(name: str, value, zero: bool = False, allow_none: bool = False) -> None:
@@ -200,13 +170,19 @@ def _positive(name: str, value, zero: bool = False, allow_none: bool = False) ->
 
 def validate(cfg) -> list[float]:
     """Check every option that needs no data or weights; return the constraints."""
+    check_known_keys(cfg)
     constraints = constraints_of(cfg.constraint)
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not \
+            0 <= cfg.seed < 2 ** 32:
+        raise RunError(f"seed={cfg.seed!r}: use a whole number from 0 to 2**32 - 1")
     if cfg.constraint_kind not in ("flops", "latency"):
         raise RunError(f"constraint_kind={cfg.constraint_kind!r}: use flops or latency")
-    for c in constraints:
-        prune_options(cfg.prune, c)
+    prune_options(cfg.prune)
     p = cfg.prune
     n = p.num_samples
+    if isinstance(n, float) and n.is_integer() and n >= 1:
+        raise RunError(f"prune.num_samples={n!r}: write it as a whole number "
+                       f"(prune.num_samples={int(n)}), or auto")
     if not (n == "auto" or (isinstance(n, int) and not isinstance(n, bool) and n >= 1)):
         raise RunError(f"prune.num_samples={n!r}: use a positive number of samples, or auto")
     if p.sampling not in SAMPLING:

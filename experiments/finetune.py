@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.config import without_added_defaults
 from experiments.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
 from experiments.evaluation import evaluate
+from experiments.identity import without_added_defaults
 from experiments.records import atomic_dir
 
 WINDOW = 50  # batches per length-sorting window in group_by_length

@@ -4,6 +4,7 @@ result came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -112,3 +113,78 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+@dataclasses.dataclass
+class Record:
+    """What a run writes to ``results.json`` and what ``run.py``, the runner and ``analysis``
+    read: one schema (``schema``, ``experiments.identity.RECORD_SCHEMA``). Metrics are
+    fractions keyed by name (``baseline[metric]``); ``identity`` is what the numbers depend on.
+    """
+
+    model: str
+    task: str
+    constraint: float
+    metric: str
+    baseline: dict
+    pruned: dict
+    flops: dict
+    identity: dict
+    checkpoint: str | None = None
+    constraint_kind: str = "flops"
+    seed: int = 0
+    device: str | None = None
+    num_samples: int | None = None
+    num_eval: int | None = None
+    seq_len: float | None = None
+    seq_len_measured: float | None = None
+    seq_len_official: float | None = None
+    drop: float | None = None
+    latency: dict | None = None
+    params: dict | None = None
+    fisher_cache: dict | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
+    masks: dict | None = None
+    tune: dict | None = None
+    align: dict | None = None
+    config: dict | None = None
+    git_commit: str | None = None
+    versions: dict | None = None
+    complete: bool = False  # True once the masks and the model are saved
+    save_error: str | None = None
+    schema: int = 0
+
+    def __post_init__(self):
+        if self.drop is None and self.metric in self.baseline and self.metric in self.pruned:
+            self.drop = 100.0 * (self.baseline[self.metric] - self.pruned[self.metric])
+
+    @property
+    def code(self) -> str | None:
+        """The code digest the record was made with (``None`` before digests existed)."""
+        code = (self.identity or {}).get("code")
+        return code.get("digest") if isinstance(code, dict) else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":
+        """A record of any schema; fields it lacks take their defaults, unknown ones are
+        dropped. Raises ``KeyError`` when a required field is missing."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for required in ("model", "task", "constraint", "metric", "baseline", "pruned",
+                         "flops"):
+            if required not in values:
+                raise KeyError(required)
+        values.setdefault("identity", {})
+        values.setdefault("complete", True)  # records before the flag were written whole
+        values["constraint"] = float(values["constraint"])
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Record":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def write(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())

@@ -26,10 +26,8 @@ import prune
 from experiments.caches import (
     cached_fisher,
     cached_latency_table,
-    canonical,
     data_fingerprint,
     file_digest,
-    key_hash,
     weights_fingerprint,
 )
 from experiments.checkpoints import (
@@ -41,19 +39,25 @@ from experiments.checkpoints import (
     resolve_path,
 )
 from experiments.config import constraints_of as validate_constraints
-from experiments.config import (
-    prune_options,
-    task_finetune,
-    used_identity,
-    used_settings,
-    validate,
-)
+from experiments.config import prune_options, validate
 from experiments.data import TaskSpec, check_data, read_text_samples
 from experiments.errors import RunError
 from experiments.finetune import FinetuneConfig, cached_finetune
+from experiments.identity import (
+    FISHER_FILES,
+    RECORD_SCHEMA,
+    code_digest,
+    code_of,
+    config_changes,
+    key_hash,
+    run_identity,
+    same_identity,
+    task_finetune,
+)
 from experiments.metrics import main_metric
 from experiments.records import (
     WRITE_ERRORS,
+    Record,
     atomic_dir,
     check_writable,
     git_commit,
@@ -65,19 +69,11 @@ from experiments.records import (
 from experiments.tasks import TaskData, build_task_data, evaluate_task
 from experiments.tracking import log_record
 from prune import Fisher, PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
-from prune.fisher import FISHER_VERSION, autocast_dtype, compute_fisher
+from prune.fisher import autocast_dtype, compute_fisher
 from prune.latency import compare_latency, latency_cost, measure_latency
-from prune.pipeline import ADAPTIVE_RULE, adaptive_fisher, timed
+from prune.pipeline import adaptive_fisher, pruning_state, timed
 
 log = logging.getLogger("fastprune")
-
-# Settings that do not change a run's result: where files live (their content is keyed
-# separately), how it reports, re-run flags. The device is keyed as the device actually used.
-NEUTRAL_KEYS = ("paths", "force", "progress", "save_model", "sweep_name", "device", "logger",
-                "prune.fisher_cache_dir", "task.local_dir", "prune.sample_file", "model.path",
-                "constraint")
-RESULTS_VERSION = 2  # bump when the harness changes what a record's numbers mean
-
 
 def task_spec(task_cfg) -> TaskSpec:
     fields = OmegaConf.to_container(task_cfg, resolve=True)
@@ -86,29 +82,6 @@ def task_spec(task_cfg) -> TaskSpec:
                                         "hub_path", "hub_name", "hub_text_columns",
                                         "official_seq_len", "local_dir")}
     return TaskSpec(**fields)
-
-
-def settings_of(config: dict, prefix: str = "") -> dict:
-    """The resolved config without ``NEUTRAL_KEYS``: the settings a result depends on."""
-    out = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if path in NEUTRAL_KEYS:
-            continue
-        out[key] = settings_of(value, path + ".") if isinstance(value, dict) else value
-    return out
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two settings dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 @dataclass
@@ -122,7 +95,7 @@ class Plan:
     out_dir: Path
     identity: dict  # everything the results depend on, except the constraint
     todo: dict[float, Path]  # constraint -> its run directory, for the ones still to run
-    done: dict[float, dict] = field(default_factory=dict)  # constraint -> existing record
+    done: dict[float, Record] = field(default_factory=dict)  # constraint -> its record
     constraints: list[float] = field(default_factory=list)
 
     @property
@@ -161,24 +134,25 @@ def resolve_checkpoint(cfg: DictConfig, spec: TaskSpec, device: str) -> str:
     return str(cached_finetune(base, spec, out, ft, device=device, progress=cfg.progress))
 
 
-def run_identity(cfg: DictConfig, spec: TaskSpec, checkpoint: str, device: str) -> dict:
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def identity_of_run(cfg: DictConfig, spec: TaskSpec, checkpoint: str, device: str) -> dict:
+    """This run's identity (``experiments.identity.run_identity``): settings, the digests of
+    its data files and checkpoint, the device, the code."""
     data = {split: data_fingerprint(spec, split) for split in ("train", *spec.eval_splits())}
     if cfg.prune.sample_file:
         data["sample_file"] = file_digest(cfg.prune.sample_file)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
-    identity = {"settings": used_settings(settings_of(OmegaConf.to_container(cfg,
-                                                                              resolve=True))),
-                "data": data, "checkpoint": weights_fingerprint(checkpoint), "device": name,
-                "code": {"prune": prune.__version__, "fisher": FISHER_VERSION,
-                         "results": RESULTS_VERSION}}
-    if cfg.prune.num_samples == "auto":  # the adaptive pass stops on all the constraints' masks
-        identity["adaptive_constraints"] = sorted(validate_constraints(cfg.constraint))
-    return identity
+    adaptive = validate_constraints(cfg.constraint) if cfg.prune.num_samples == "auto" else None
+    return run_identity(OmegaConf.to_container(cfg, resolve=True), data,
+                        weights_fingerprint(checkpoint), device_name(device), adaptive)
 
 
-def _finished(path: Path, identity: dict, force: bool) -> dict | None:
-    """The record in ``path`` if it was made with ``identity``; an older record of other
-    settings is kept beside it as ``results.stale-<time>.json``."""
+def _finished(path: Path, identity: dict, force: bool) -> Record | None:
+    """The record in ``path`` if it was made with ``identity`` (code digest included); an
+    older record of other settings, inputs or code is kept beside it as
+    ``results.stale-<time>.json`` and the run is redone."""
     record_file = path / "results.json"
     if not record_file.exists():
         return None
@@ -186,11 +160,17 @@ def _finished(path: Path, identity: dict, force: bool) -> dict | None:
         previous = json.loads(record_file.read_text())
     except (OSError, ValueError):
         previous = {}
-    before = used_identity(previous.get("identity") or {})
-    same = json.loads(canonical(before)) == json.loads(canonical(identity))
+    stored = previous.get("identity") or {}
+    same = same_identity(stored, identity)
     if same and not force and previous.get("complete", True):
-        log.info("skipping: %s exists with the same settings (force=true re-runs)", record_file)
-        return previous
+        try:
+            record = Record.from_dict(previous)
+        except (KeyError, TypeError, ValueError):
+            record = None
+        if record is not None:
+            log.info("skipping: %s exists with the same settings (force=true re-runs)",
+                     record_file)
+            return record
     if not same:
         stamp, n = record_file.stat().st_mtime_ns, 0
         kept = record_file.with_name(f"results.stale-{stamp}.json")
@@ -198,9 +178,11 @@ def _finished(path: Path, identity: dict, force: bool) -> dict | None:
             n += 1
             kept = record_file.with_name(f"results.stale-{stamp}-{n}.json")
         os.replace(record_file, kept)
-        changed = config_changes(previous.get("identity", {}), identity)
-        log.warning("re-running: %s was made with other settings or inputs (%s); kept as %s",
-                    record_file, ", ".join(changed[:8]) or "unknown", kept.name)
+        changed = config_changes(stored, identity)
+        if code_of(stored) != code_of(identity):
+            changed = ["code"] + [c for c in changed if not c.startswith("code.")]
+        log.warning("re-running: %s was made with other settings, inputs or code (%s); kept as "
+                    "%s", record_file, ", ".join(changed[:8]) or "unknown", kept.name)
     return None
 
 
@@ -217,7 +199,7 @@ def prepare(cfg: DictConfig, out_dir: Path) -> Plan:
     checkpoint = resolve_checkpoint(cfg, spec, device)
     check_head(load_config(checkpoint), spec, checkpoint)
     check_weights(checkpoint)
-    identity = run_identity(cfg, spec, checkpoint, device)
+    identity = identity_of_run(cfg, spec, checkpoint, device)
     plan = Plan(cfg, spec, device, checkpoint, out_dir, identity, {}, {}, constraints)
     for c in constraints:
         path = run_dir(out_dir, c, plan.family)
@@ -337,9 +319,9 @@ def fisher_key(plan: Plan, loaded: Loaded) -> dict:
            "device": plan.identity["device"],
            "dtype": str(autocast_dtype(plan.device, cfg.prune.amp) or
                         next(loaded.model.parameters()).dtype),
-           "version": FISHER_VERSION, "transformers": versions()["transformers"]}
+           "code": code_digest(FISHER_FILES), "transformers": versions()["transformers"]}
     if cfg.prune.num_samples == "auto":
-        key["adaptive"] = {"rule": ADAPTIVE_RULE, "chunk": cfg.prune.adaptive_chunk,
+        key["adaptive"] = {"chunk": cfg.prune.adaptive_chunk,
                            "tolerance": cfg.prune.adaptive_tolerance,
                            "constraints": plan.constraints, "kind": cfg.constraint_kind,
                            "seq_len": loaded.seq_len,
@@ -352,7 +334,7 @@ def importance(plan: Plan, loaded: Loaded) -> tuple[Fisher, dict]:
     """The Fisher information (from the cache when it holds this key), and how it was got."""
     cfg = plan.cfg
     key = fisher_key(plan, loaded)
-    opts = prune_options(cfg.prune, plan.constraints[0])
+    opts = prune_options(cfg.prune)
     batches = loaded.data.sample_batches
     adaptive: dict = {}
 
@@ -378,14 +360,24 @@ def importance(plan: Plan, loaded: Loaded) -> tuple[Fisher, dict]:
     return fisher, info
 
 
+def model_label(cfg: DictConfig) -> str:
+    """The model as the records and tables name it: the config's name, or the checkpoint the
+    user gave (``model.path``) when it overrides the config's."""
+    path = cfg.model.get("path")
+    if not path:
+        return str(cfg.model.name)
+    name = Path(str(path).rstrip("/")).name or str(path)
+    return name if name != cfg.model.name else str(cfg.model.name)
+
+
 def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
-              fisher_info: dict, baseline: dict, path: Path) -> dict:
+              fisher_info: dict, baseline: dict, path: Path) -> Record:
     """Prune a copy of the model at one constraint, evaluate it, and write its record, masks
     and model (the record first; an optional extra that fails only warns)."""
     cfg, spec = plan.cfg, plan.spec
-    opts: PruneOptions = prune_options(cfg.prune, constraint)
+    opts: PruneOptions = prune_options(cfg.prune)
     result = prune_masks(loaded.model, loaded.adapter, loaded.data.sample_batches, loaded.cost,
-                         opts, fisher=fisher, progress=cfg.progress, seed=cfg.seed)
+                         constraint, opts, fisher=fisher, progress=cfg.progress, seed=cfg.seed)
     timings = {**loaded.timings, **result.timings, "fisher": fisher_info["seconds"]}
     model = copy.deepcopy(loaded.model)
     with timed(timings, "physical"):
@@ -403,68 +395,79 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
             latency["predicted_ratio"] = loaded.cost.ratio(heads, neurons)
     timings["pruning_total"] = sum(timings.get(k, 0.0) for k in
                                    ("fisher", "search", "rearrange", "tune", "physical"))
-    key = main_metric(spec.metric)
     flops = loaded.flops
-    record = {
-        "model": cfg.model.name, "task": spec.name, "checkpoint": plan.checkpoint,
-        "constraint": constraint, "constraint_kind": cfg.constraint_kind,
-        "seed": cfg.seed, "device": plan.device,
-        "num_samples": fisher.num_samples, "num_eval": loaded.data.eval_sets["eval"].size,
-        "seq_len": loaded.seq_len, "seq_len_measured": loaded.data.dev_mean_length,
-        "seq_len_official": spec.official_seq_len,
-        "metric": key, "baseline": baseline["metrics"], "pruned": pruned,
-        "drop": 100.0 * (baseline["metrics"][key] - pruned[key]),
-        "flops": {"baseline": 2 * flops.full, "pruned": flops.flops(heads, neurons),
-                  "ratio": flops.ratio(heads, neurons)},
-        "latency": latency,
-        "params": {"baseline": baseline["params"],
-                   "pruned": sum(p.numel() for p in model.parameters())},
-        "fisher_cache": fisher_info, "timings": timings, "masks": result.masks.summary(),
-        "tune": result.tune_stats.as_dict() if result.tune_stats else None,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "identity": {**plan.identity, "constraint": constraint},
-        "git_commit": git_commit(os.environ.get("FASTPRUNE_ROOT", ".")),
-        "versions": versions(), "complete": False,  # True once the masks and model are saved
-    }
-    write_json_atomic(path / "results.json", record)
+    record = Record(
+        model=model_label(cfg), task=spec.name, checkpoint=plan.checkpoint,
+        constraint=constraint, constraint_kind=cfg.constraint_kind, seed=cfg.seed,
+        device=plan.device, num_samples=fisher.num_samples,
+        num_eval=loaded.data.eval_sets["eval"].size, seq_len=loaded.seq_len,
+        seq_len_measured=loaded.data.dev_mean_length, seq_len_official=spec.official_seq_len,
+        metric=main_metric(spec.metric), baseline=baseline["metrics"], pruned=pruned,
+        flops={"baseline": 2 * flops.full, "pruned": flops.flops(heads, neurons),
+               "ratio": flops.ratio(heads, neurons)},
+        latency=latency,
+        params={"baseline": baseline["params"],
+                "pruned": sum(p.numel() for p in model.parameters())},
+        fisher_cache=fisher_info, timings=timings, masks=result.masks.summary(),
+        tune=result.tune_stats.as_dict() if result.tune_stats else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        identity={**plan.identity, "constraint": constraint},
+        git_commit=git_commit(os.environ.get("FASTPRUNE_ROOT", ".")), versions=versions(),
+        complete=False, schema=RECORD_SCHEMA)
+    write_record(record, path / "results.json")
     _save_outputs(plan, path, model, loaded.tokenizer, result, record)
-    log_record(cfg.logger, record, record["config"])
+    log_record(cfg.logger, record.to_dict(), record.config)
     return record
 
 
-def _save_outputs(plan: Plan, path: Path, model, tokenizer, result, record: dict) -> None:
-    """Masks and the pruned model, after the record, which is marked complete only then. A
-    model that cannot be saved leaves the record incomplete (a re-run redoes it) and stops the
-    run with one line."""
-    masks = {"final": result.masks.state_dict(), "searched": result.searched.state_dict()}
+def write_record(record: Record, path: Path) -> None:
+    """The record, written atomically; on a failed write (a full disk) one line that says
+    why, with the run's main numbers, so that they are not lost."""
     try:
-        write_atomic(path / "masks.pt", lambda tmp: torch.save(masks, tmp))
+        record.write(path)
+    except WRITE_ERRORS as err:
+        key = record.metric
+        raise RunError(
+            f"could not write {path} ({write_failure(err)}); {record.model}/{record.task} at "
+            f"{record.constraint:g}: {key} {100 * record.baseline[key]:.2f} -> "
+            f"{100 * record.pruned[key]:.2f}, FLOPs {record.flops['ratio']:.3f}; free space "
+            f"and re-run") from None
+
+
+def _save_outputs(plan: Plan, path: Path, model, tokenizer, result, record: Record) -> None:
+    """Masks (with the tuned weights: everything that rebuilds the evaluated model from the
+    checkpoint, ``prune.pipeline.rebuild``) and the pruned model, after the record, which is
+    marked complete only then. A model that cannot be saved leaves the record incomplete (a
+    re-run redoes it) and stops the run with one line."""
+    state = pruning_state(result)
+    try:
+        write_atomic(path / "masks.pt", lambda tmp: torch.save(state, tmp))
         if plan.cfg.save_model:
             with atomic_dir(path / "pruned_model") as tmp:
                 prune.save_pruned(model, tmp, tokenizer)
-        record["complete"] = True
-        write_json_atomic(path / "results.json", record)
+        record.complete = True
+        record.write(path / "results.json")
     except WRITE_ERRORS as err:
-        record["complete"] = False
-        record["save_error"] = str(err)
+        record.complete = False
+        record.save_error = str(err)
         try:  # the record on disk already says incomplete; this adds why
-            write_json_atomic(path / "results.json", record)
+            record.write(path / "results.json")
         except WRITE_ERRORS:
             pass
         raise RunError(f"could not save the pruned model in {path} ({write_failure(err)}); "
                        f"the results are in results.json; free space and re-run") from None
 
 
-def family_summary(plan: Plan, records: list[dict]) -> None:
+def family_summary(plan: Plan, records: list[Record]) -> None:
     """One table and one plot of a family's records (accuracy and latency against FLOPs)."""
     from experiments.plots import family_plot
 
-    rows = sorted(records, key=lambda r: r["constraint"])
+    rows = sorted(records, key=lambda r: r.constraint)
     write_json_atomic(plan.out_dir / "family.json", {"runs": [
-        {"constraint": r["constraint"], "flops_ratio": r["flops"]["ratio"],
-         "pruned": r["pruned"][r["metric"]], "baseline": r["baseline"][r["metric"]],
-         "latency_ratio": (r.get("latency") or {}).get("ratio"),
-         "dir": str(run_dir(plan.out_dir, r["constraint"], True))} for r in rows]})
+        {"constraint": r.constraint, "flops_ratio": r.flops["ratio"],
+         "pruned": r.pruned[r.metric], "baseline": r.baseline[r.metric],
+         "latency_ratio": (r.latency or {}).get("ratio"),
+         "dir": str(run_dir(plan.out_dir, r.constraint, True))} for r in rows]})
     try:
         family_plot(rows, plan.out_dir / "family.png")
     except Exception as err:  # a figure is an extra

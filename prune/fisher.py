@@ -46,7 +46,6 @@ from prune.masks import Masks, apply_masks
 from prune.runtime import LABEL_KEYS, eval_mode, to_device, without_labels
 
 # Bump when a change alters the values compute_fisher returns (caches key on it).
-FISHER_VERSION = 3  # 3: float32 mask products under autocast; unlabeled importance
 AMP_MODES = ("auto", "bf16", "off")
 IMPORTANCE = ("fisher", "fisher_unlabeled")
 
@@ -92,13 +91,19 @@ class Fisher:
 
 
 def autocast_dtype(device: torch.device | str, amp: str) -> torch.dtype | None:
-    """The autocast dtype ``amp`` selects on ``device`` (``None``: full precision)."""
+    """The autocast dtype ``amp`` selects on ``device`` (``None``: full precision).
+
+    ``auto`` is float32 on every device: on an H200 (torch 2.11), bfloat16 autocast made the
+    Fisher pass 12-17x slower on real batches padded to each batch's longest sentence (15.4 s
+    against 0.9 s on the MiniLM demo, SST-2), and only 1.2x faster on fixed 128-token batches;
+    its masks matched float32's (Jaccard >= 0.99). ``bf16`` asks for autocast explicitly (it
+    needs a device that supports it)."""
     if amp not in AMP_MODES:
         raise PruneError(f"amp={amp!r}: use one of {', '.join(AMP_MODES)}")
     device = torch.device(device)
     if amp == "bf16":
-        return torch.bfloat16
-    if amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise PruneError("amp=bf16: this GPU has no bfloat16; use amp=off or amp=auto")
         return torch.bfloat16
     return None
 

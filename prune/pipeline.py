@@ -39,11 +39,12 @@ TEACHERS = ("full", "ta")
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Every choice of the pipeline, with its default (run.py's config mirrors these)."""
+    """Every choice of the pipeline, with its default (run.py's config mirrors these). The
+    constraint is not an option: it is an argument of ``prune_masks``."""
 
-    constraint: float  # fraction of the cost (FLOPs or latency) kept, in (0, 1]
     importance: str = "fisher"  # fisher (labels) | fisher_unlabeled (the model's predictions)
-    amp: str = "auto"  # Fisher pass in bfloat16 autocast on CUDA with bf16: auto | bf16 | off
+    amp: str = "auto"  # Fisher pass precision: auto (float32) | bf16 (autocast) | off
+    granularity: int = 1  # a layer keeps FFN neurons in multiples of this (8: GPU tensor cores)
     rearrange: bool = True
     rearrange_sweeps: int = 1  # 1 = the paper's single greedy pass
     tune: str = "mask"  # off | mask (the paper) | bias | weights (beyond the paper)
@@ -62,7 +63,6 @@ class PruneOptions:
     cls_only_last: bool | None = None  # fit the last FFN on [CLS] only; None: from the model
 
     def __post_init__(self):
-        check_constraint(self.constraint)
         choices = (("importance", IMPORTANCE), ("amp", AMP_MODES), ("tune", TUNE),
                    ("tune_teacher", TEACHERS))
         for name, allowed in choices:
@@ -74,6 +74,7 @@ class PruneOptions:
             if not isinstance(getattr(self, name), bool):
                 raise PruneError(f"{name}={getattr(self, name)!r}: use true or false")
         _positive_int("rearrange_sweeps", self.rearrange_sweeps)
+        _positive_int("granularity", self.granularity, hint=" (1: any width; 8: multiples of 8)")
         _positive_int("tune_holdout", self.tune_holdout, zero=True)
         if self.tune_samples is not None:
             _positive_int("tune_samples", self.tune_samples, hint=", or null to tune on all "
@@ -91,7 +92,7 @@ class PruneOptions:
     @classmethod
     def defaults(cls) -> dict:
         """Every option with a default, and its value."""
-        return {f.name: f.default for f in fields(cls) if f.name != "constraint"}
+        return {f.name: f.default for f in fields(cls)}
 
 
 def _positive_int(name: str, value, zero: bool = False, hint: str = "") -> None:
@@ -138,16 +139,20 @@ def prune_masks(
     adapter: Adapter,
     sample_batches: list[dict],
     cost: CostModel,
-    opts: PruneOptions,
+    constraint: float,
+    opts: PruneOptions | None = None,
     fisher: Fisher | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> PruneResult:
-    """Find pruning masks for ``model`` from the sample set (no retraining).
+    """Find pruning masks for ``model`` that keep ``constraint`` (a fraction in (0, 1]) of the
+    cost, from the sample set (no retraining).
 
     ``fisher`` may be passed in (e.g. from a cache, or shared by several constraints) to skip
     the gradient pass.
     """
+    constraint = check_constraint(constraint)
+    opts = opts or PruneOptions()
     timings: dict[str, float] = {"fisher": 0.0}
     if fisher is None:
         with timed(timings, "fisher"):
@@ -156,7 +161,7 @@ def prune_masks(
     fisher.check_finite()
     with timed(timings, "search"):
         searched = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
-                                opts.constraint)
+                                constraint, **_aligned(opts))
     rearranged = None
     masks = searched
     if opts.rearrange:
@@ -166,7 +171,7 @@ def prune_masks(
     result = PruneResult(masks.to("cpu"), searched, rearranged, fisher, timings)
     if opts.tune != "off":
         with timed(timings, "tune"):
-            teacher = teacher_masks(fisher, cost, opts)
+            teacher = teacher_masks(fisher, cost, constraint, opts)
             cls_only = opts.cls_only_last
             if cls_only is None:
                 cls_only = not is_question_answering(model)
@@ -178,16 +183,44 @@ def prune_masks(
     return result
 
 
-def teacher_masks(fisher: Fisher, cost: CostModel, opts: PruneOptions) -> Masks | None:
+def _aligned(opts: PruneOptions) -> dict:
+    """The search's alignment argument (left out at 1, the unaligned search)."""
+    return {"granularity": opts.granularity} if opts.granularity != 1 else {}
+
+
+def teacher_masks(fisher: Fisher, cost: CostModel, constraint: float,
+                  opts: PruneOptions) -> Masks | None:
     """The tuning target: the unpruned model (``None``), or the official teacher-assistant,
     searched at ``sqrt(constraint)`` and rearranged only if ``tune_teacher_rearrange``."""
     if opts.tune_teacher == "full":
         return None
     ta = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
-                      math.sqrt(opts.constraint))
+                      math.sqrt(constraint), **_aligned(opts))
     if opts.tune_teacher_rearrange:
         ta = rearrange_masks(ta, fisher, opts.rearrange_sweeps)
     return ta
+
+
+def pruning_state(result: PruneResult) -> dict:
+    """Everything that rebuilds the evaluated model from the original checkpoint: the final
+    masks, the tuned projection weights (``tune=bias|weights``: layers that chose them carry
+    mask 1 and their scales folded into the weights) and, for reference, the searched masks.
+    ``rebuild`` applies it; ``torch.save`` stores it (the run's ``masks.pt``)."""
+    return {"format": 2, "final": result.masks.state_dict(),
+            "searched": result.searched.state_dict(), "weights": result.weights.state_dict()}
+
+
+def rebuild(model: nn.Module, state: dict, adapter: Adapter | None = None) -> nn.Module:
+    """Prune ``model`` (the original checkpoint) in place into the evaluated model, from a
+    ``pruning_state`` (e.g. ``torch.load`` of a run's ``masks.pt``)."""
+    from prune.physical import prune_model
+
+    if "final" not in state:
+        raise PruneError("this is not a pruning state (no 'final' masks); pass the content of "
+                         "a run's masks.pt")
+    masks = Masks(state["final"]["head"], state["final"]["neuron"])
+    weights = TunedWeights.from_state_dict(state.get("weights") or {})
+    return prune_model(model, masks, adapter, weights)
 
 
 def _take(batches: list[dict], skip: int, count: int | None) -> list[dict]:
@@ -254,7 +287,6 @@ def regret(previous: Masks, current: Masks, fisher: Fisher) -> float:
     return max(1.0 - retained(previous, fisher) / now, 0.0) if now > 0 else 0.0
 
 
-ADAPTIVE_RULE = 2  # bump when the stopping rule changes (caches of adaptive passes key on it)
 
 
 def adaptive_fisher(
@@ -292,8 +324,8 @@ def adaptive_fisher(
             continue
         next_check = info.samples + chunk
         fisher = Fisher.concat(parts).check_finite()
-        current = [search_masks(fisher.head_importance, fisher.neuron_importance, cost, c)
-                   for c in constraints]
+        current = [search_masks(fisher.head_importance, fisher.neuron_importance, cost, c,
+                                **_aligned(opts)) for c in constraints]
         if previous is not None:
             pairs = list(zip(previous, current, strict=True))
             info.regret.append(max(regret(p, q, fisher) for p, q in pairs))

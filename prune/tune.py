@@ -110,6 +110,18 @@ class TunedWeights:
         return TunedWeights({k: v.to(device) for k, v in self.weight.items()},
                             {k: v.to(device) for k, v in self.bias.items()})
 
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Plain keys (``"3.attn"``) for ``torch.save``; ``from_state_dict`` reverses it."""
+        return {kind: {f"{l}.{part}": t.detach().cpu() for (l, part), t in table.items()}
+                for kind, table in (("weight", self.weight), ("bias", self.bias))}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "TunedWeights":
+        def keyed(table: dict) -> dict:
+            return {(int(k.split(".")[0]), k.split(".")[1]): v for k, v in table.items()}
+
+        return cls(keyed(state.get("weight") or {}), keyed(state.get("bias") or {}))
+
 
 @dataclass
 class LayerFit:

@@ -17,11 +17,12 @@ OFFICIAL = yaml.safe_load((ROOT / "conf" / "preset" / "official.yaml").read_text
 
 def record(model="minilm", task="sst2", constraint=0.6, seed=0, pruned=0.88, baseline=0.9,
            prune=None, kind="flops", preset="none", sweep="adhoc", checkpoint="c0", data="d0",
-           latency=None, max_samples=None, fisher=None, t_tune=20.0, device="cpu"):
+           latency=None, max_samples=None, fisher=None, t_tune=20.0, device="cpu",
+           code="c0de"):
     """A record as the runner writes it: ``prune`` overrides the schema's prune defaults,
     ``latency`` is the measured ratio (``None``: not measured), ``fisher`` the cache info."""
     from experiments.config import PruneConf
-    from experiments.runner import settings_of
+    from experiments.identity import RECORD_SCHEMA, settings_of
 
     prune_cfg = {f.name: f.default for f in dataclasses.fields(PruneConf)}
     prune_cfg.update(fisher_cache_dir="/cache/fisher", **(OFFICIAL if preset == "official"
@@ -40,7 +41,7 @@ def record(model="minilm", task="sst2", constraint=0.6, seed=0, pruned=0.88, bas
     identity = {"settings": settings_of(config),
                 "data": {"train": {"file": "train.tsv", "sha256": data}},
                 "checkpoint": {"files": {"model.safetensors": checkpoint}}, "device": device,
-                "code": {"prune": "0.2.0", "fisher": 3, "results": 2}, "constraint": constraint}
+                "code": {"digest": code, "schema": RECORD_SCHEMA}, "constraint": constraint}
     if prune_cfg["num_samples"] == "auto":  # as the runner: the constraints the pass watched
         identity["adaptive_constraints"] = [constraint]
     return {
@@ -98,9 +99,10 @@ def runs_of(**named) -> dict:
     return {f"{name}-{i}": r for name, rs in named.items() for i, r in enumerate(rs)}
 
 
-def three(pruned, **kw) -> list:
-    """Three seeds around ``pruned`` (fractions): -0.01, 0, +0.01."""
-    return [record(seed=s, pruned=pruned + d, **kw) for s, d in enumerate((-0.01, 0, 0.01))]
+def three(pruned, spread=(-0.01, 0, 0.01), **kw) -> list:
+    """Three seeds around ``pruned`` (fractions), by default -0.01, 0, +0.01: settings made
+    with the default spread differ by the same amount on every seed (a paired std of 0)."""
+    return [record(seed=s, pruned=pruned + d, **kw) for s, d in enumerate(spread)]
 
 
 @pytest.fixture
@@ -255,18 +257,22 @@ def test_ablation_table_and_steps(results):
     from analysis.collect import collect
     from analysis.tables import ablation_steps, ablation_table, to_latex, to_markdown
 
-    runs = collect(write(results, runs_of(bias=three(0.862, prune={"tune": "bias"}))))
+    runs = collect(write(results, runs_of(bias=three(0.862, prune={"tune": "bias"},
+                                                     spread=(0.0, -0.01, 0.02)))))
     ablation = ablation_table(runs)
     assert list(ablation.columns) == ["search", "+rearrange", "+mask", "+mask (TA)", "+bias"]
     row = ablation.loc[("minilm", "sst2", 0.6)]
     assert list(row) == ["70.00 ± 1.00", "75.00 ± 1.00", "86.00 ± 1.00", "85.50 ± 1.00",
-                         "86.20 ± 1.00"]
+                         "86.53 ± 1.53"]
     # only +mask ran at 0.4, and for bert-base: no comparison, no ablation row
     assert list(ablation.index) == [("minilm", "sst2", 0.6)]
     steps = ablation_steps(runs).loc[("minilm", "sst2", 0.6)]
-    assert dict(steps) == {"+rearrange vs search": "+5.00", "+mask vs +rearrange": "+11.00",
-                           "+mask (TA) vs +mask": "no difference (-0.50)",
-                           "+bias vs +mask": "no difference (+0.20)"}
+    # paired on seeds 0-2: a constant per-seed offset is a difference even when it is
+    # smaller than each setting's own spread over seeds (unpaired, -0.50 read "no difference")
+    assert dict(steps) == {"+rearrange vs search": "+5.00 ± 0.00",
+                           "+mask vs +rearrange": "+11.00 ± 0.00",
+                           "+mask (TA) vs +mask": "-0.50 ± 0.00",
+                           "+bias vs +mask": "no difference (+0.53 ± 1.15)"}
     assert "86.00 $\\pm$ 1.00" in to_latex(ablation)
     lines = [[c.strip() for c in line.split("|")[1:-1]]
              for line in to_markdown(ablation).splitlines() if line.startswith("|")]
@@ -310,12 +316,37 @@ def test_departures_table(tmp_path):
     t = table.droplevel(["model", "task"])
     assert t.loc[("default", "+mask"), "@0.6"] == "86.00 ± 1.00"
     assert t.loc[("default", "+mask"), "vs default @0.6"] == ""
-    assert t.loc[("tune_damp=0", "+mask"), "vs default @0.4"] == "no difference (-0.20)"
-    assert t.loc[("tune_on_failure=stop", "+mask"), "vs default @0.6"] == "-5.00"
-    assert t.loc[("default", "+mask (TA)"), "vs default @0.6"] == "+3.00"
-    assert t.loc[("official", "+mask (TA)"), "vs default @0.4"] == "-2.00"
+    assert t.loc[("tune_damp=0", "+mask"), "vs default @0.4"] == "-0.20 ± 0.00"
+    assert t.loc[("tune_on_failure=stop", "+mask"), "vs default @0.6"] == "-5.00 ± 0.00"
+    assert t.loc[("default", "+mask (TA)"), "vs default @0.6"] == "+3.00 ± 0.00"
+    assert t.loc[("official", "+mask (TA)"), "vs default @0.4"] == "-2.00 ± 0.00"
     assert t.loc[("tune_samples=null", "+mask"), "tune s"] == "80.0 ± 0.0"
     assert t.loc[("tune_samples=null", "+mask"), "tune time / default"] == "4.00"
+
+
+def test_comparisons_are_paired_on_common_seeds(tmp_path):
+    """The audit's case: a 3-seed variant against a 5-seed default. Unpaired, the default's
+    two extra (lucky) seeds made the variant look 0.26 worse; paired on seeds 0-2 it is the
+    per-seed difference, and its spread decides "no difference"."""
+    from analysis.collect import collect
+    from analysis.stats import paired
+    from analysis.studies import departures_table
+
+    sweep = {"sweep": "departures_cpu"}
+    default = [record(seed=s, pruned=p, **sweep)
+               for s, p in enumerate((0.860, 0.866, 0.864, 0.870, 0.871))]
+    variant = [record(seed=s, pruned=p, prune={"tune_damp": 0.0}, **sweep)
+               for s, p in enumerate((0.859, 0.865, 0.863))]
+    t = departures_table(collect(write(tmp_path, runs_of(d=default, v=variant))))
+    t = t.droplevel(["model", "task"])
+    assert t.loc[("default", "+mask"), "@0.6"] == "86.62 ± 0.45 (n=5)"
+    assert t.loc[("tune_damp=0", "+mask"), "vs default @0.6"] == "-0.10 ± 0.00"
+    assert paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 1.5, 2: 3.3}) == \
+        "no difference (+0.10 ± 0.53)"
+    assert paired({0: 1.0, 1: 2.0}, {1: 2.5, 7: 9.0}) == "+0.50 (n=1)"
+    assert paired({0: 1.0}, {1: 2.0}) == "--"
+    assert paired({s: 1.0 for s in range(4)}, {s: 1.2 + 0.01 * s for s in range(4)}) == \
+        "+0.21 ± 0.01 (n=4)"
 
 
 def test_latency_table(tmp_path):
@@ -356,9 +387,9 @@ def test_unlabeled_table(tmp_path):
     assert list(table.index) == [("minilm", "sst2", "accuracy", 0.4),
                                  ("minilm", "sst2", "accuracy", 0.6)]
     assert list(table.loc[("minilm", "sst2", "accuracy", 0.6)]) == \
-        ["86.00 ± 1.00", "80.00 ± 1.00", "-6.00"]
+        ["86.00 ± 1.00", "80.00 ± 1.00", "-6.00 ± 0.00"]
     assert table.loc[("minilm", "sst2", "accuracy", 0.4), "unlabeled vs labelled"] == \
-        "no difference (-0.50)"
+        "-0.50 ± 0.00"
 
 
 def test_adaptive_table(tmp_path):
@@ -386,9 +417,9 @@ def test_adaptive_table(tmp_path):
     assert (row["Fisher s (auto)"], row["Fisher s (2048)"]) == ("50.0 ± 10.0", "100.0 ± 10.0")
     assert row["Fisher time auto / 2048"] == "0.50"
     assert (row["pruned (auto)"], row["pruned (2048)"]) == ("86.00 ± 1.00", "88.00 ± 1.00")
-    assert row["auto vs 2048"] == "-2.00"
+    assert row["auto vs 2048"] == "-2.00 ± 0.00"
     assert table.loc[("minilm", "sst2", "accuracy", 0.4), "auto vs 2048"] == \
-        "no difference (+0.00)"
+        "no difference (+0.00 ± 0.00)"
 
 
 def test_samples_and_tune_samples_tables(tmp_path):
@@ -410,11 +441,11 @@ def test_samples_and_tune_samples_tables(tmp_path):
     assert list(samples.index) == [("minilm", "sst2", "accuracy", 0.5, 256),
                                    ("minilm", "sst2", "accuracy", 0.5, 2048)]
     assert list(samples.loc[("minilm", "sst2", "accuracy", 0.5, 256)]) == \
-        ["81.00 ± 1.00", "-6.00"]
+        ["81.00 ± 1.00", "-6.00 ± 0.00"]
     tune = tune_samples_table(runs_df).loc[("minilm", "sst2", "accuracy", 0.6)]
     assert dict(tune) == {"256": "84.00 ± 1.00", "512 (default)": "86.00 ± 1.00",
-                          "all (2048)": "86.10 ± 1.00", "256 vs 512": "-2.00",
-                          "all (2048) vs 512": "no difference (+0.10)"}
+                          "all (2048)": "86.10 ± 1.00", "256 vs 512": "-2.00 ± 0.00",
+                          "all (2048) vs 512": "+0.10 ± 0.00"}
 
 
 def test_older_records_without_identity_still_load(tmp_path):
@@ -452,7 +483,7 @@ def test_make_all_writes_tables_and_figures(results, tmp_path):
     for figure in ("accuracy_vs_flops_sst2.png", "accuracy_vs_latency_sst2.png"):
         assert (tmp_path / "out" / figure).exists()
     assert "| minilm" in written["main.md"].read_text()
-    assert "no difference" in written["ablation.md"].read_text()
+    assert "± 0.00" in written["ablation.md"].read_text()  # paired differences
     settings = json.loads(written["settings"].read_text())
     results_csv = written["results"].read_text().splitlines()
     # 8 settings (the default at two constraints), 3 seeds each: one row per run
@@ -478,5 +509,5 @@ def test_notebook_runs_headless(results, tmp_path):
     assert (tmp_path / "nb" / "main.md").exists()
     text = "".join(str(o.get("data", {}).get("text/plain", "")) for c in nb.cells
                    for o in c.get("outputs", []))
-    assert "86.00 ± 1.00" in text and "no difference" in text
+    assert "86.00 ± 1.00" in text and "± 0.00" in text
 

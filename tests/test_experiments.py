@@ -137,20 +137,57 @@ def test_fisher_cache_is_keyed_on_everything_that_changes_it(tiny_checkpoints, t
     monkeypatch.setattr("experiments.runner.autocast_dtype", lambda d, a: torch.bfloat16)
     assert hit() is False
     monkeypatch.undo()
-    monkeypatch.setattr("experiments.runner.run_identity", on_another_device)
+    monkeypatch.setattr("experiments.runner.device_name", on_another_device)
     assert hit() is False
     monkeypatch.undo()
-    # a new version of the Fisher stage
-    monkeypatch.setattr("experiments.runner.FISHER_VERSION", 999)
+    # other code of the Fisher stage (its source digest)
+    monkeypatch.setattr("experiments.runner.code_digest", lambda files: "0ther")
     assert hit() is False
 
 
-def on_another_device(*args):
-    """``run_identity`` as it would be on a GPU (the run itself stays on the CPU)."""
-    return {**REAL_IDENTITY(*args), "device": "NVIDIA GPU X"}
+def on_another_device(device: str) -> str:
+    """The device's name as it would be on a GPU (the run itself stays on the CPU)."""
+    return "NVIDIA GPU X"
 
 
-from experiments.runner import run_identity as REAL_IDENTITY  # noqa: E402
+def source_copy(root):
+    """The project's source (what the code digest covers) copied under ``root``."""
+    import shutil
+
+    from experiments.identity import ROOT, source_files
+
+    for path in source_files():
+        target = root / path.relative_to(ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return root
+
+
+def test_a_changed_line_of_the_library_reruns_the_sweep(tiny_checkpoints, tmp_path,
+                                                        monkeypatch):
+    """The record names the digest of the source that made it: changing one line of
+    ``prune/tune.py`` makes the next run redo the work instead of skipping it (the old record
+    kept beside), while the Fisher cache, which does not depend on tuning, still hits."""
+    from experiments.identity import code_digest
+
+    source = source_copy(tmp_path / "src")
+    monkeypatch.setattr("experiments.identity.ROOT", source)
+    data = copy_sst2(tmp_path / "data")
+    out = tmp_path / "run"
+    base = [f"model.path={tiny_checkpoints['cls2']}", "save_model=false",
+            f"task.local_dir={data}", f"paths.cache_dir={tmp_path}/cache", *FAST]
+    first = run(base, out)
+    assert first["identity"]["code"]["digest"] == code_digest(root=source)
+    assert run(base, out)["timings"] == first["timings"]  # the same code: skipped
+    tune = source / "prune" / "tune.py"
+    text = tune.read_text()
+    assert "max_scale: float = 10.0" in text
+    tune.write_text(text.replace("max_scale: float = 10.0", "max_scale: float = 10.5", 1))
+    again = run(base, out)
+    assert again["identity"]["code"]["digest"] != first["identity"]["code"]["digest"]
+    assert again["timings"] != first["timings"]  # redone
+    assert len(list(out.glob("results.stale-*.json"))) == 1
+    assert again["fisher_cache"]["hit"] is True
 
 
 def test_finished_runs_are_rerun_when_an_input_changes(tiny_checkpoints, tmp_path, monkeypatch):
@@ -167,9 +204,9 @@ def test_finished_runs_are_rerun_when_an_input_changes(tiny_checkpoints, tmp_pat
     assert again["identity"]["data"] != first["identity"]["data"]
     assert len(list(out.glob("results.stale-*.json"))) == 1
     base = [*base, f"task.local_dir={tmp_path / 'fixed'}"]
-    monkeypatch.setattr("experiments.runner.RESULTS_VERSION", 99)
-    assert run(base, out)["identity"]["code"]["results"] == 99
-    monkeypatch.setattr("experiments.runner.run_identity", on_another_device)
+    monkeypatch.setattr("experiments.identity.code_digest", lambda *a, **k: "0ther")
+    assert run(base, out)["identity"]["code"]["digest"] == "0ther"
+    monkeypatch.setattr("experiments.runner.device_name", on_another_device)
     assert run(base, out)["identity"]["device"] == "NVIDIA GPU X"
     assert len(list(out.glob("results.stale-*.json"))) == 3
 

@@ -49,7 +49,7 @@ def test_same_seed_same_masks(family):
         model = tiny_model(family, seed=0)
         adapter = get_adapter(model)
         r = prune_masks(model, adapter, tiny_batches(3, seed=7), flops_cost(adapter, 10),
-                        PruneOptions(constraint=0.5), progress=False)
+                        0.5, PruneOptions(), progress=False)
         results.append(r.masks)
     assert torch.equal(results[0].head, results[1].head)
     assert torch.equal(results[0].neuron, results[1].neuron)

@@ -42,7 +42,7 @@ def test_adaptive_fisher_stops_when_the_masks_settle_and_never_past_the_ceiling(
     adapter = get_adapter(model)
     batches = tiny_batches(12, batch=8)  # 96 samples
     cost = flops_cost(adapter, 10)
-    opts = PruneOptions(constraint=0.5)
+    opts = PruneOptions()
     loose, info = adaptive_fisher(model, adapter, batches, cost, [0.5], opts, chunk=16,
                                   tolerance=1.0, min_samples=32, progress=False)
     assert info.samples == 32 and "lose" in info.reason

@@ -24,11 +24,19 @@ def config(overrides):
 
 
 def run(overrides, out_dir):
+    """``run.run`` on the composed overrides; its records as ``results.json`` holds them
+    (dicts of the ``Record`` schema), so tests read what a user reads."""
     import run as app
+    from experiments.records import Record
 
     if not any(o.startswith("paths.cache_dir=") for o in overrides):
         overrides = [*overrides, f"paths.cache_dir={out_dir}/cache"]
-    return app.run(config(overrides), out_dir=out_dir)
+    out = app.run(config(overrides), out_dir=out_dir)
+    if isinstance(out, list):
+        assert all(isinstance(r, Record) for r in out)
+        return [r.to_dict() for r in out]
+    assert out is None or isinstance(out, Record)
+    return None if out is None else out.to_dict()
 
 
 @pytest.mark.parametrize("task,ckpt", [("sst2", "cls2"), ("stsb", "reg1")])

@@ -232,7 +232,7 @@ def test_last_ffn_fits_cls_for_classification_and_every_token_for_qa(qa):
     from prune import prune_masks
 
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10),
-                         PruneOptions(constraint=0.6), fisher=fisher, progress=False)
+                         0.6, PruneOptions(), fisher=fisher, progress=False)
     last = [f for f in result.tune_stats.fits if f.part == "ffn"][-1]
     first = [f for f in result.tune_stats.fits if f.part == "ffn"][0]
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -246,13 +246,13 @@ def test_teacher_assistant_is_searched_at_sqrt_constraint_and_not_rearranged():
     adapter = get_adapter(model)
     fisher = compute_fisher(model, adapter, tiny_batches(3), progress=False)
     cost = flops_cost(adapter, 10)
-    opts = PruneOptions(constraint=0.36, tune_teacher="ta")
-    ta = teacher_masks(fisher, cost, opts)
+    opts = PruneOptions(tune_teacher="ta")
+    ta = teacher_masks(fisher, cost, 0.36, opts)
     at_sqrt = search_masks(fisher.head_importance, fisher.neuron_importance, cost, 0.6)
     assert torch.equal(ta.head, at_sqrt.head) and torch.equal(ta.neuron, at_sqrt.neuron)
-    assert teacher_masks(fisher, cost, PruneOptions(constraint=0.36)) is None
-    rearranged = teacher_masks(fisher, cost, PruneOptions(
-        constraint=0.36, tune_teacher="ta", tune_teacher_rearrange=True))
+    assert teacher_masks(fisher, cost, 0.36, PruneOptions()) is None
+    rearranged = teacher_masks(fisher, cost, 0.36, PruneOptions(
+        tune_teacher="ta", tune_teacher_rearrange=True))
     expected = rearrange_masks(at_sqrt, fisher)
     assert torch.equal(rearranged.neuron, expected.neuron)
     assert cost.ratio(ta.heads_per_layer(), ta.neurons_per_layer()) <= math.sqrt(0.36) + 1e-9
@@ -320,7 +320,7 @@ def test_weights_fall_back_when_they_do_not_help_on_held_out_samples():
 ])
 def test_bad_pruning_options_are_rejected_with_one_line(bad, message):
     with pytest.raises(PruneError, match=message) as err:
-        PruneOptions(constraint=0.5, **bad)
+        PruneOptions(**bad)
     assert "\n" not in str(err.value)
 
 
