@@ -52,7 +52,7 @@ clean:  ## remove caches and run outputs (keeps .venv and the fine-tuned demo mo
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-tables: install  ## regenerate tables (md, tex) and figures (png) from outputs/ into analysis/out/
+tables: install  ## add outputs/ records to analysis/results/records.jsonl; tables, figures (analysis/out/) and the README blocks from it
 	$(BIN)/python -m analysis.make_tables --results outputs --out analysis/out
 
 CPU_SWEEPS := departures_cpu weights_damp_cpu main_cpu ablation_cpu latency_cpu unlabeled_cpu \

@@ -7,7 +7,6 @@ sample standard deviation and count over seeds of every number.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -95,14 +94,23 @@ def row_of(data: dict, path: Path) -> dict:
 
 
 def read_rows(*roots: str | Path) -> list[dict]:
+    """The rows of the records under run directories."""
+    from analysis.store import from_runs
+
+    return rows_of(list(from_runs(*roots)))
+
+
+def rows_of(records: list[dict]) -> list[dict]:
+    """One row per record (``analysis.store`` form: ``_source`` and ``_written`` say where
+    and when it was written); a record that does not fit the schema warns and is skipped."""
     rows = []
-    for root in roots:
-        for path in sorted(Path(root).rglob("results.json")):
-            try:
-                record = json.loads(path.read_text())
-                rows.append({**row_of(record, path), "_mtime": path.stat().st_mtime})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                log.warning("skipping %s: %r", path, err)
+    for record in records:
+        source = record.get("_source", "")
+        try:
+            rows.append({**row_of(record, Path(source) / "results.json"),
+                         "_mtime": record.get("_written", 0.0)})
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("skipping %s: %r", source, err)
     return rows
 
 
@@ -118,9 +126,10 @@ def _newest(group: pd.DataFrame) -> pd.Series:
     return row
 
 
-def collect(*roots: str | Path) -> pd.DataFrame:
-    """All results under ``roots``, one row per distinct run (identity and seed)."""
-    rows = read_rows(*roots)
+def collect(*roots: str | Path, records: list[dict] | None = None) -> pd.DataFrame:
+    """All results under ``roots`` (or the given store ``records``), one row per distinct run
+    (identity and seed)."""
+    rows = read_rows(*roots) if records is None else rows_of(records)
     if not rows:
         return pd.DataFrame(columns=COLUMNS + HIDDEN)
     df = pd.DataFrame(rows).sort_values(["_mtime", "path"], kind="stable")

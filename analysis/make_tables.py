@@ -1,20 +1,28 @@
-"""Regenerate every table and figure from the logged results.
+"""Regenerate every table and figure, and the README's result blocks, from committed data.
 
-    python -m analysis.make_tables [--results outputs] [--out analysis/out]
+    python -m analysis.make_tables [--results outputs] [--out analysis/out] [--readme README.md]
 
-Writes ``results.csv`` (one row per distinct run), ``summary.csv`` (one row per setting and
-constraint, mean/std/n over seeds), ``settings.json`` (each setting hash and its identity), the
-tables in markdown and LaTeX and the figures.
+1. The records under ``--results`` are added to the store ``analysis/results/records.jsonl``
+   (``analysis.store``: a newer record of the same run replaces the older one).
+2. Everything is made from the store alone (and the committed bench JSON and version-1 rows),
+   into a temporary folder that replaces ``--out`` only when complete (all or nothing):
+   ``results.csv`` (one row per distinct run), ``summary.csv`` (one row per setting and
+   constraint), ``settings.json`` (each setting's identity), the tables in markdown and LaTeX,
+   and the figures.
+3. Each README block between ``<!-- make-tables:NAME -->`` and ``<!-- /make-tables:NAME -->``
+   is replaced by the table ``NAME``; ``tests/test_readme.py`` fails when one differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 
+from analysis import legacy, store
 from analysis.collect import HIDDEN, collect, summarize
 from analysis.plots import accuracy_vs_flops, accuracy_vs_latency, speedup_vs_flops, time_breakdown
 from analysis.studies import (
@@ -25,10 +33,20 @@ from analysis.studies import (
     tune_samples_table,
     unlabeled_table,
 )
-from analysis.tables import ablation_steps, ablation_table, main_table, paper_results, write_tables
+from analysis.tables import (
+    ablation_steps,
+    ablation_table,
+    main_table,
+    paper_results,
+    to_markdown,
+    write_tables,
+)
 
 TABLES = ["main", "ablation", "departures", "latency", "unlabeled", "adaptive", "samples",
           "tune_samples"]
+RESULTS = Path(__file__).with_name("results")
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2 -->)", re.S)
 
 
 def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
@@ -47,6 +65,27 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
     }
 
 
+def v1_tables(runs: pd.DataFrame, data: Path) -> dict[str, list[tuple[str, pd.DataFrame]]]:
+    """Version 1, restated paired, and what moved from it (``analysis.legacy``)."""
+    v1 = legacy.runs(data / "v1" / "results.csv")
+    return {
+        "v1_departures": [("v1 departures, paired", legacy.departures(v1))],
+        "v1_ablation": [("v1 ablation, paired", legacy.ablation(v1))],
+        "moved": [("moved from v1 to v2", legacy.moved(v1, runs))],
+    }
+
+
+def bench_blocks(data: Path) -> dict[str, str]:
+    """``bench-<name>``: the bench's own table of each committed ``bench-<name>.json``."""
+    from experiments.bench import table
+
+    out = {}
+    for path in sorted(data.glob("bench-*.json")):
+        saved = json.loads(path.read_text())
+        out[path.stem] = table(saved.get("models") or [], saved.get("family"))
+    return out
+
+
 def write_data(runs: pd.DataFrame, out: Path) -> dict[str, Path]:
     summary = summarize(runs)
     written = {"results": out / "results.csv", "summary": out / "summary.csv",
@@ -59,33 +98,86 @@ def write_data(runs: pd.DataFrame, out: Path) -> dict[str, Path]:
     return written
 
 
-def make_all(results: list[str | Path], out: str | Path) -> dict[str, Path]:
-    """Write the data files, the tables (.md, .tex) and figures (.png) to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = collect(*results)
-    written = write_data(runs, out)
-    for name, sections in tables(runs).items():
-        written[f"{name}.md"], written[f"{name}.tex"] = write_tables(out, name, sections)
-    for i, path in enumerate(accuracy_vs_flops(runs, out)):
-        written[f"accuracy_vs_flops_{i}"] = path
-    for i, path in enumerate(accuracy_vs_latency(runs, out)):
-        written[f"accuracy_vs_latency_{i}"] = path
-    for name, path in (("speedup", speedup_vs_flops(runs, out)),
-                       ("time", time_breakdown(runs, out))):
-        if path is not None:
-            written[name] = path
+def blocks(runs: pd.DataFrame, data: Path = RESULTS) -> dict[str, str]:
+    """Every README block, by name: the markdown tables and the bench tables."""
+    out = {}
+    for name, sections in {**tables(runs), **v1_tables(runs, data)}.items():
+        out[name] = "\n".join(to_markdown(table) for _, table in sections)
+    return {**out, **bench_blocks(data)}
+
+
+def make_all(results: list[str | Path], out: str | Path, data: str | Path = RESULTS,
+             update_store: bool = True) -> dict[str, Path]:
+    """Add the records under ``results`` to the store in ``data``, then write the data files,
+    tables (.md, .tex) and figures (.png) made from the store to ``out`` as one unit."""
+    from experiments.records import atomic_dir
+
+    out, data = Path(out), Path(data)
+    records = store.merge(store.read(data / "records.jsonl"), list(store.from_runs(*results)))
+    if update_store:
+        store.write(records, data / "records.jsonl")
+    runs = collect(records=records)
+    written: dict[str, Path] = {}
+    with atomic_dir(out) as tmp:
+        files = write_data(runs, tmp)
+        for name, sections in {**tables(runs), **v1_tables(runs, data)}.items():
+            files[f"{name}.md"], files[f"{name}.tex"] = write_tables(tmp, name, sections)
+        for i, path in enumerate(accuracy_vs_flops(runs, tmp)):
+            files[f"accuracy_vs_flops_{i}"] = path
+        for i, path in enumerate(accuracy_vs_latency(runs, tmp)):
+            files[f"accuracy_vs_latency_{i}"] = path
+        for name, path in (("speedup", speedup_vs_flops(runs, tmp)),
+                           ("time", time_breakdown(runs, tmp))):
+            if path is not None:
+                files[name] = path
+        for name, text in blocks(runs, data).items():
+            (tmp / f"block-{name}.md").write_text(text)
+        written = {k: out / p.relative_to(tmp) for k, p in files.items()}
     return written
+
+
+def readme_blocks(readme: str | Path = README) -> dict[str, str]:
+    """The README's generated blocks, by name."""
+    return {m.group(2): m.group(3) for m in BLOCK.finditer(Path(readme).read_text())}
+
+
+def update_readme(generated: dict[str, str], readme: str | Path = README) -> list[str]:
+    """Replace each README block by its generated text; returns the names of the blocks that
+    have no generator (they are left as they are, and reported)."""
+    from experiments.records import write_atomic
+
+    path = Path(readme)
+    unknown: list[str] = []
+
+    def fill(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in generated:
+            unknown.append(name)
+            return m.group(0)
+        return f"{m.group(1)}{generated[name]}{m.group(4)}"
+
+    text = BLOCK.sub(fill, path.read_text())
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+    return unknown
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", nargs="+", default=["outputs"])
+    parser.add_argument("--results", nargs="*", default=["outputs"])
     parser.add_argument("--out", default="analysis/out")
+    parser.add_argument("--data", default=str(RESULTS), help="committed data (the store)")
+    parser.add_argument("--readme", default=str(README), help="'' leaves the README alone")
     args = parser.parse_args()
-    written = make_all(args.results, args.out)
+    written = make_all(args.results, args.out, args.data)
     for name in TABLES:
         print(f"## {name}\n{written[f'{name}.md'].read_text()}")
+    if args.readme:
+        generated = {p.name[len("block-"):-3]: p.read_text()
+                     for p in Path(args.out).glob("block-*.md")}
+        unknown = update_readme(generated, args.readme)
+        if unknown:
+            raise SystemExit(f"README blocks without a table: {', '.join(unknown)}")
+        print(f"updated the generated blocks of {args.readme}")
     print(f"wrote {len(written)} files to {args.out}")
 
 

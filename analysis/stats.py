@@ -37,6 +37,17 @@ class Stat:
         return cls(float(row[f"{value}_mean"]), float(row[f"{value}_std"]), int(n))
 
     @classmethod
+    def of_values(cls, values) -> Stat:
+        """From the per-seed values themselves."""
+        values = [float(v) for v in values if not pd.isna(v)]
+        if not values:
+            return cls(math.nan, math.nan, 0)
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) \
+            if len(values) > 1 else math.nan
+        return cls(mean, std, len(values))
+
+    @classmethod
     def pooled(cls, stats: list[Stat]) -> Stat:
         """Several settings' seeds together (e.g. a baseline measured in every setting)."""
         stats = [s for s in stats if s.n]
@@ -93,6 +104,7 @@ def paired(reference: dict, other: dict, digits: int = 2) -> str:
         return f"{mean:+.{digits}f} (n=1)"
     std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
     text = f"{mean:+.{digits}f} ± {std:.{digits}f}"
-    if len(diffs) != N_SEEDS:
-        text += f" (n={len(diffs)})"
-    return f"no difference ({text})" if abs(mean) <= std else text
+    n = f"n={len(diffs)}" if len(diffs) != N_SEEDS else ""
+    if abs(mean) <= std:
+        return f"no difference ({text}{', ' + n if n else ''})"
+    return f"{text} ({n})" if n else text

@@ -1,0 +1,70 @@
+"""Every result table in the README is made by ``make tables`` from the committed data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ROOT
+
+from analysis import store
+from analysis.collect import collect
+from analysis.make_tables import RESULTS, blocks, make_all, readme_blocks, update_readme
+
+
+def test_readme_tables_are_generated_from_the_committed_data():
+    found = readme_blocks(ROOT / "README.md")
+    assert {"main", "v1_departures", "v1_ablation"} <= set(found)
+    generated = blocks(collect(records=store.read(RESULTS / "records.jsonl")), RESULTS)
+    for name, text in found.items():
+        assert name in generated, f"README block {name!r} has no generator"
+        assert text == generated[name], (
+            f"README block {name!r} differs from what `make tables` makes from "
+            f"analysis/results/; run `make tables` and commit README.md")
+
+
+def test_committed_records_are_of_the_current_schema_and_name_their_code():
+    from experiments.records import Record
+
+    for record in store.read(RESULTS / "records.jsonl"):
+        assert Record.from_dict(record).code, f"{record['_source']}: no code digest"
+
+
+def test_update_readme_replaces_only_known_blocks(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- make-tables:main -->\nold\n<!-- /make-tables:main -->\n"
+                      "text\n<!-- make-tables:other -->\nkept\n<!-- /make-tables:other -->\n")
+    assert update_readme({"main": "| new |\n"}, readme) == ["other"]
+    assert readme_blocks(readme) == {"main": "| new |\n", "other": "kept\n"}
+
+
+def test_make_tables_writes_all_or_nothing(tmp_path, monkeypatch):
+    """A failure half-way leaves the previous tables whole (no new CSV beside old markdown)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    make_all([], out, data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed half-way")
+
+    monkeypatch.setattr("analysis.make_tables.accuracy_vs_flops", broken)
+    with pytest.raises(RuntimeError):
+        make_all([], out, data)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_store_keeps_every_run_and_the_newer_record_of_one(tmp_path):
+    from test_analysis import record
+
+    old = store.compact(record(pruned=0.80), "a", 1.0)
+    new = store.compact(record(pruned=0.85), "b", 2.0)
+    other_seed = store.compact(record(pruned=0.70, seed=1), "a", 1.0)
+    other_code = store.compact(record(pruned=0.60, code="other"), "c", 3.0)
+    merged = store.merge([old, other_seed], [new, other_code])
+    assert sorted(r["pruned"]["accuracy"] for r in merged) == [0.60, 0.70, 0.85]
+    store.write(merged, tmp_path / "records.jsonl")
+    assert store.read(tmp_path / "records.jsonl") == json.loads(json.dumps(merged))
+    runs = collect(records=merged)
+    assert sorted(runs["code"]) == ["c0de", "c0de", "other"]  # never pooled across code
