@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, ROOT, inputs_of, outputs, tiny_batches, tiny_model
+from conftest import FAMILIES, FIXTURES, ROOT, inputs_of, outputs, tiny_batches, tiny_model
 from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
 from prune import (
@@ -136,3 +136,50 @@ def test_pruning_twice_is_refused(family, tmp_path):
     for pruned in (model, load_pruned(tmp_path / "ckpt")):
         with pytest.raises(PruneError, match="already"):
             prune_model(pruned, Masks.ones(adapter))
+
+
+@pytest.mark.parametrize("tune,ckpt", [("bias", "cls2"), ("weights", "cls2"), ("weights", "qa")])
+def test_masks_pt_rebuilds_the_evaluated_model_from_the_original_checkpoint(
+        tune, ckpt, tiny_checkpoints, tmp_path):
+    """A run's ``masks.pt`` is everything that turns the ORIGINAL checkpoint into the model it
+    evaluated and saved: ``rebuild`` of a fresh load computes what ``pruned_model`` computes,
+    while the final masks alone (without the tuned projections) compute something else."""
+    from test_run import FAST, run
+
+    from prune.pipeline import rebuild
+
+    qa = ckpt == "qa"
+    task = ["task=squad", f"paths.data_dir={FIXTURES}", "task.max_seq_length=64",
+            "task.doc_stride=24"] if qa else []
+    run([*task, f"model.path={tiny_checkpoints[ckpt]}", f"prune.tune={tune}", "constraint=0.5",
+         "save_model=true", *FAST], tmp_path)
+    state = torch.load(tmp_path / "masks.pt")
+    assert state["format"] == 2
+    weights = state["weights"]
+    assert weights["bias"], "tuning must have moved some projection's bias"
+    if tune == "weights":
+        assert weights["weight"], "tune=weights must have rewritten some projection"
+    else:
+        assert not weights["weight"], "tune=bias rewrites biases only"
+    auto = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+
+    def original():
+        model = auto.from_pretrained(tiny_checkpoints[ckpt]).eval()
+        assert not hasattr(model.config, "fastprune_heads")
+        return model
+
+    saved = load_pruned(tmp_path / "pruned_model")
+    rebuilt = rebuild(original(), state)
+    masks_only = rebuild(original(), {**state, "weights": {}})
+    for model in (rebuilt, masks_only):
+        assert get_adapter(model).heads_per_layer(model) == get_adapter(saved).heads_per_layer(
+            saved)
+        assert get_adapter(model).neurons_per_layer(model) == \
+            get_adapter(saved).neurons_per_layer(saved)
+    differences = []
+    for batch in tiny_batches(3, batch=4, length=12, qa=qa, seed=11):
+        expected = outputs(saved, batch)
+        assert torch.allclose(outputs(rebuilt, batch), expected, atol=1e-4), \
+            float((outputs(rebuilt, batch) - expected).abs().max())
+        differences.append(float((outputs(masks_only, batch) - expected).abs().max()))
+    assert min(differences) > 1e-3, f"the tuned weights must matter: {differences}"
