@@ -36,13 +36,14 @@ from analysis.studies import (
 from analysis.tables import (
     ablation_steps,
     ablation_table,
+    demo_table,
     main_table,
     paper_results,
     to_markdown,
     write_tables,
 )
 
-TABLES = ["main", "ablation", "departures", "latency", "unlabeled", "adaptive", "samples",
+TABLES = ["demo", "main", "ablation", "departures", "latency", "unlabeled", "adaptive", "samples",
           "tune_samples"]
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -52,6 +53,7 @@ BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2
 def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
     """Every table, by file name: its titled sections."""
     return {
+        "demo": [("demo", demo_table(runs))],
         "main": [("main", main_table(runs, paper_results()))],
         "ablation": [("ablation: pruned metric by stage", ablation_table(runs)),
                      ("ablation: each stage against the one it builds on",
@@ -106,21 +108,24 @@ def blocks(runs: pd.DataFrame, data: Path = RESULTS) -> dict[str, str]:
     return {**out, **bench_blocks(data)}
 
 
-def make_all(results: list[str | Path], out: str | Path, data: str | Path = RESULTS,
-             update_store: bool = True) -> dict[str, Path]:
-    """Add the records under ``results`` to the store in ``data``, then write the data files,
-    tables (.md, .tex) and figures (.png) made from the store to ``out`` as one unit."""
+def make_all(results: list[str | Path], out: str | Path,
+             data: str | Path | None = None) -> dict[str, Path]:
+    """Write the data files, tables (.md, .tex) and figures (.png) to ``out`` as one unit.
+    With ``data`` (the committed data folder), the records under ``results`` are first added
+    to its store and everything is made from the store; without, from ``results`` alone."""
     from experiments.records import atomic_dir
 
-    out, data = Path(out), Path(data)
-    records = store.merge(store.read(data / "records.jsonl"), list(store.from_runs(*results)))
-    if update_store:
+    out = Path(out)
+    records = list(store.from_runs(*results))
+    if data is not None:
+        data = Path(data)
+        records = store.merge(store.read(data / "records.jsonl"), records)
         store.write(records, data / "records.jsonl")
     runs = collect(records=records)
     written: dict[str, Path] = {}
     with atomic_dir(out) as tmp:
         files = write_data(runs, tmp)
-        for name, sections in {**tables(runs), **v1_tables(runs, data)}.items():
+        for name, sections in {**tables(runs), **v1_tables(runs, data or RESULTS)}.items():
             files[f"{name}.md"], files[f"{name}.tex"] = write_tables(tmp, name, sections)
         for i, path in enumerate(accuracy_vs_flops(runs, tmp)):
             files[f"accuracy_vs_flops_{i}"] = path
@@ -130,7 +135,7 @@ def make_all(results: list[str | Path], out: str | Path, data: str | Path = RESU
                            ("time", time_breakdown(runs, tmp))):
             if path is not None:
                 files[name] = path
-        for name, text in blocks(runs, data).items():
+        for name, text in blocks(runs, data or RESULTS).items():
             (tmp / f"block-{name}.md").write_text(text)
         written = {k: out / p.relative_to(tmp) for k, p in files.items()}
     return written

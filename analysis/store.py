@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from analysis.identity import identity_of, setting_of, short_hash
+from analysis.identity import derived_identity, identity_of, setting_of, short_hash
 from experiments.identity import canonical
 from experiments.records import Record, write_atomic
 
@@ -29,6 +29,8 @@ STORE = Path(__file__).with_name("results") / "records.jsonl"
 def compact(record: dict, source: str, written: float) -> dict:
     """What the store keeps of a record."""
     out = {k: v for k, v in record.items() if k not in ("config", "tune")}
+    if not record.get("identity"):  # older records: the identity their config implies
+        out["identity"] = derived_identity(record)
     out["config"] = {"sweep_name": (record.get("config") or {}).get("sweep_name")}
     out["_source"], out["_written"] = source, written
     return out

@@ -230,3 +230,21 @@ def write_tables(out: Path, name: str, sections: list[tuple[str, pd.DataFrame]])
     paths[0].write_text("\n".join(md))
     paths[1].write_text("\n".join(tex))
     return paths
+
+
+def demo_table(runs: pd.DataFrame, model: str = "minilm", task: str = "sst2",
+               constraint: float = 0.6, seed: int = 0) -> pd.DataFrame:
+    """The run ``make demo`` makes (``python run.py model=minilm task=sst2 constraint=0.6``,
+    seed 0, the default pipeline): the figures its summary prints."""
+    sel = runs[(runs["model"] == model) & (runs["task"] == task) & (runs["kind"] == "flops")
+               & (runs["constraint"] == constraint) & (runs["seed"] == seed)
+               & (runs["stage"] == DEFAULT_STAGE) & (runs["variant"] == "default")]
+    if sel.empty:
+        return pd.DataFrame()
+    rows = [{"model": r["model"], "task": r["task"], "constraint": f"{r['constraint']:g}",
+             "seed": int(r["seed"]), "code": r["code"], "baseline": f"{r['baseline']:.2f}",
+             "pruned": f"{r['pruned']:.2f}", "drop": f"{r['drop']:+.2f}",
+             "FLOPs kept": f"{r['flops_ratio']:.3f}",
+             "heads / neurons kept": f"{int(r['heads_kept'])} / {int(r['neurons_kept'])}"}
+            for _, r in sel.iterrows()]
+    return pd.DataFrame(rows).set_index(["model", "task", "constraint", "seed", "code"])
