@@ -386,3 +386,74 @@ def test_tuning_inputs_ignore_labels():
     a = tune_masks(model, adapter, masks, batches, progress=False)
     b = tune_masks(model, adapter, masks, [inputs_of(x) for x in batches], progress=False)
     assert torch.equal(a.masks.neuron, b.masks.neuron)
+
+
+def ffn_activations(model, adapter, batches, l=0) -> torch.Tensor:
+    """Layer ``l``'s FFN activations (the down projection's inputs) on the real tokens."""
+    store = []
+    hook = adapter.module(model, l, "ffn_out").register_forward_pre_hook(
+        lambda m, a: store.append(a[0]))
+    try:
+        for b in batches:
+            outputs(model, b)
+    finally:
+        hook.remove()
+    return torch.cat([a[b["attention_mask"].bool()] for a, b in zip(store, batches,
+                                                                      strict=True)])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_weight_damping_conditions_the_solve_on_a_tiny_sample_set(seed):
+    """The weight solve's ridge (``weight_damp * mean(diag S)``, towards the ``bias`` solution)
+    on a sample set with fewer tokens than kept units, where ``S`` is singular: undamped, the
+    solve interpolates the 8 fitted tokens and blows up on held-out ones (weights many times
+    the original's, a held-out error far above the untuned layer's); at the default damping
+    the weights stay near their anchor and the held-out error is below the untuned layer's.
+    Errors are measured on explicit held-out tokens, not from the tuner's moments.
+
+    (The blow-up comes from the float32 rounding of each batch's ``x^T x`` in
+    ``Moments.add``: it leaves ``S`` numerically full rank with eigenvalues of rounding size,
+    which the undamped solve inverts. With exactly rank-deficient float64 moments the undamped
+    fallback to least squares stays bounded.)"""
+    from prune.tune import Solution, solve_weights
+
+    model = tiny_model("bert", layers=2)
+    adapter = get_adapter(model)
+    W = adapter.module(model, 0, "ffn_out").weight.detach()  # [32, 48]
+    kept = torch.arange(0, 48, 2)[:20]  # 20 kept neurons of 48
+    fit_acts = ffn_activations(model, adapter, tiny_batches(1, batch=1, length=8, seed=seed))
+    held_acts = ffn_activations(model, adapter, tiny_batches(4, seed=20))
+
+    def data(acts):  # the kept neurons' inputs, and the whole FFN's output (minus its bias)
+        return acts[:, kept], acts @ W.t()
+
+    (xf, rf), (xh, rh) = data(fit_acts), data(held_acts)
+    assert xf.shape[0] < len(kept) + 1 < xh.shape[0]  # under-determined fit, many held-out
+    fit = Moments.zeros(len(kept), W.shape[0])
+    fit.add(xf, rf)  # float32 activations, as the tuner accumulates them
+    xh, rh = xh.double(), rh.double()
+    eig = torch.linalg.eigvalsh(fit.S)  # rank <= 8 in exact arithmetic: ill-conditioned
+    assert float(eig[0].abs()) < 1e-6 * float(eig[-1])
+
+    def held_error(sol) -> float:
+        return float((xh @ sol.weight.t() + sol.beta - rh).pow(2).sum() / rh.pow(2).sum())
+
+    untuned = Solution(W[:, kept].double(), torch.zeros(W.shape[0], dtype=torch.float64))
+    proj = Projection(W[:, kept], torch.zeros(W.shape[0]), W[:, kept], torch.ones(len(kept)), 1)
+    anchor = solve_masks(fit, proj, TuneOptions(), with_bias=True)  # what weights mode anchors
+    assert not isinstance(anchor, str)
+    scale = float(untuned.weight.norm())
+
+    undamped = solve_weights(fit, anchor, 0.0)
+    if undamped is not None:  # a failed solve would be as good an outcome of no damping
+        assert float(undamped.weight.norm()) > 10 * scale
+        assert held_error(undamped) > 10 * held_error(untuned) and held_error(undamped) > 1.0
+
+    default = TuneOptions().weight_damp
+    assert default == PruneOptions().tune_weight_damp > 0
+    damped = solve_weights(fit, anchor, default)
+    assert damped is not None
+    assert torch.isfinite(damped.weight).all() and torch.isfinite(damped.beta).all()
+    assert float((damped.weight - anchor.weight).norm()) < float(anchor.weight.norm())
+    assert float(damped.weight.norm()) < 2 * scale
+    assert held_error(damped) <= held_error(untuned)
