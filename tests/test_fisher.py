@@ -155,6 +155,77 @@ def test_unlabeled_fisher_for_regression_is_the_prediction_gradient():
                           atol=1e-7)
 
 
+def padded_qa_inputs(n_batches: int = 2, batch: int = 6, length: int = 12,
+                     seed: int = 0) -> list[dict]:
+    """QA inputs whose samples have real lengths from 4 to ``length`` (right padding, token 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(5, 120, (batch, length), generator=g)
+        real = torch.randint(4, length + 1, (batch,), generator=g)
+        real[0], real[1] = 4, length  # the shortest and one without padding in every batch
+        mask = (torch.arange(length)[None, :] < real[:, None]).long()
+        ids[mask == 0] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def position_gradients(model, adapter, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one (padded) sample: the flattened mask gradient of ``-log q(s)`` for every real
+    start position ``s``, and likewise for end positions, where ``q`` is the model's softmax
+    over the sample's real tokens only (the logits of its padding cut off)."""
+    real = int(sample["attention_mask"].sum())
+    h = torch.ones(adapter.num_layers, adapter.num_heads, requires_grad=True)
+    n = torch.ones(adapter.num_layers, adapter.intermediate_size, requires_grad=True)
+    out = scaled_by_hand(model, adapter, sample, h, n, loss_of=lambda o: o)
+    grads = []
+    for logits in (out.start_logits, out.end_logits):
+        logq = torch.log_softmax(logits[0, :real], dim=-1)
+        rows = []
+        for pos in range(real):
+            g_h, g_n = torch.autograd.grad(-logq[pos], [h, n], retain_graph=True)
+            rows.append(torch.cat([g_h.flatten(), g_n.flatten()]))
+        grads.append(torch.stack(rows))
+    return grads[0], grads[1]
+
+
+def test_unlabeled_fisher_for_qa_draws_positions_among_each_samples_real_tokens():
+    """Each sample's row is the gradient of ``-(log q(s) + log q(e)) / 2`` at a start ``s`` and
+    an end ``e`` drawn from the model's distribution over that sample's REAL tokens: every row
+    matches one such pair of real positions (a position drawn in the padding, or a distribution
+    that includes the padding's logits, matches none). Samples are padded to different lengths,
+    and the model puts real mass on the padding, so a sampler blind to the attention mask would
+    land there."""
+    model = tiny_model("bert", qa=True)
+    adapter = get_adapter(model)
+    batches = padded_qa_inputs()
+    samples = one_sample_batches(batches)
+    assert sum(int((s["attention_mask"] == 0).any()) for s in samples) >= 6
+    with torch.no_grad():  # the model's unmasked softmax over the padding
+        padded = [s for s in samples if (s["attention_mask"] == 0).any()]
+        mass = [float(torch.softmax(model(**s).start_logits, -1)[s["attention_mask"] == 0].sum())
+                for s in padded]
+    assert sum(mass) / len(mass) > 0.1, mass
+    candidates = [position_gradients(model, adapter, s) for s in samples]
+    drawn = {}
+    for seed in range(5):
+        fisher = compute_fisher(model, adapter, batches, progress=False,
+                                importance="fisher_unlabeled", seed=seed)
+        assert fisher.rows == "sample" and fisher.head_grads.shape[0] == len(samples)
+        rows = torch.cat([fisher.head_grads.flatten(1), fisher.neuron_grads.flatten(1)], dim=1)
+        for i, (row, (starts, ends)) in enumerate(zip(rows, candidates, strict=True)):
+            pairs = (starts[:, None, :] + ends[None, :, :]) / 2  # [real, real, units]
+            distance = (pairs - row).norm(dim=-1)
+            s, e = divmod(int(distance.argmin()), distance.shape[1])
+            assert float(distance[s, e]) <= 1e-4 * float(row.norm()) + 1e-7, \
+                f"sample {i} (seed {seed}): its row is no pair of real positions"
+            assert samples[i]["attention_mask"][0, s] == 1 and \
+                samples[i]["attention_mask"][0, e] == 1
+            drawn.setdefault(i, set()).add((s, e))
+    # positions are drawn, not the most likely ones: some sample gets different pairs
+    assert max(len(pairs) for pairs in drawn.values()) > 1
+
+
 def test_unlabeled_fisher_for_qa_samples_positions_and_is_seeded():
     model = tiny_model("bert", qa=True)
     adapter = get_adapter(model)
