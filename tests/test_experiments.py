@@ -289,10 +289,16 @@ def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpo
     assert len(stale) == 1 and json.loads(stale[0].read_text()) == first
 
 
-def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(tiny_checkpoints,
+@pytest.mark.parametrize("stage", ["prune.tune=mask", "prune.tune=bias", "prune.tune=weights",
+                                   "prune.tune_teacher=ta"])
+def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(stage,
+                                                                          tiny_checkpoints,
                                                                           tmp_path):
+    """Every tuning mode (and the teacher-assistant target) gives a family's constraint what a
+    single run at that constraint gives: the same masks, tuned weights, tuning fits and
+    results."""
     base = [f"model.path={tiny_checkpoints['cls2']}", f"paths.cache_dir={tmp_path}/cache",
-            *FAST]
+            stage, *FAST]
     family = run([*base, "constraint=[0.4,0.6]"], tmp_path / "family")
     assert [r["constraint"] for r in family] == [0.4, 0.6]
     assert (tmp_path / "family" / "family.png").exists()
@@ -306,9 +312,21 @@ def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(tiny_c
                      f"single{record['constraint']}")
         assert single["fisher_cache"]["hit"] is True  # the family's Fisher
         assert single["masks"] == record["masks"] and single["pruned"] == record["pruned"]
-        a = torch.load(path / "masks.pt")["final"]
-        b = torch.load(tmp_path / f"single{record['constraint']}" / "masks.pt")["final"]
-        assert torch.equal(a["head"], b["head"]) and torch.equal(a["neuron"], b["neuron"])
+        assert single["tune"] == record["tune"] and single["flops"] == record["flops"]
+        assert single["config"]["prune"] == record["config"]["prune"]
+        a = torch.load(path / "masks.pt")
+        b = torch.load(tmp_path / f"single{record['constraint']}" / "masks.pt")
+        for which in ("final", "searched"):
+            assert torch.equal(a[which]["head"], b[which]["head"]), which
+            assert torch.equal(a[which]["neuron"], b[which]["neuron"]), which
+        for kind in ("weight", "bias"):
+            assert a["weights"][kind].keys() == b["weights"][kind].keys(), kind
+            for key, tensor in a["weights"][kind].items():
+                assert torch.equal(tensor, b["weights"][kind][key]), (kind, key)
+        if stage in ("prune.tune=bias", "prune.tune=weights"):
+            assert a["weights"]["bias"], f"{stage} must tune some projection's bias"
+        if stage == "prune.tune=weights":
+            assert a["weights"]["weight"], f"{stage} must rewrite some projection"
     # re-running the family skips both finished constraints
     assert run([*base, "constraint=[0.4,0.6]"], tmp_path / "family") == family
 
