@@ -10,8 +10,11 @@ sub-directory per constraint for a family) and prints a summary. The work is don
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -34,22 +37,56 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> dict | list[dict]
 
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
     plan = runner.prepare(cfg, out_dir)  # every check that needs no weights
-    if plan.todo:
-        lock = runner.claim(out_dir)
-        if lock is None:
-            log.warning("another process is running %s; leaving it alone", out_dir)
+    try:
+        if plan.todo and not prune_locked(plan):
             return None
+        records = [plan.done[c] for c in plan.constraints]
+        if plan.family:
+            runner.family_summary(plan, records)
+            return records
+        return records[0]
+    except KeyboardInterrupt:  # Ctrl-C: say what is saved (each record is written whole)
+        raise Interrupted([c for c in plan.constraints if c in plan.done], out_dir) from None
+
+
+def prune_locked(plan) -> bool:
+    """``prune_todo`` holding the run directory's lock; ``False`` if another process holds
+    it. The lock is released however the work ends."""
+    from experiments import runner
+
+    lock = runner.claim(plan.out_dir)
+    if lock is None:
+        log.warning("another process is running %s; leaving it alone", plan.out_dir)
+        return False
+    try:
+        runner.recheck(plan)  # another process may have finished some since prepare
+        if plan.todo:
+            prune_todo(plan)
+    finally:
+        release(lock)
+    return True
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the constraints finished (``done``) and saved in ``out_dir``."""
+
+    def __init__(self, done: list[float], out_dir: Path):
+        super().__init__()
+        self.done, self.out_dir = done, out_dir
+
+
+def release(lock: Path) -> None:
+    """Remove the run lock. In a directory that has become unwritable it cannot be removed:
+    it is emptied instead (an empty lock names no live holder, so the next run takes it
+    over)."""
+    try:
+        lock.unlink(missing_ok=True)
+    except OSError:
         try:
-            runner.recheck(plan)  # another process may have finished some since prepare
-            if plan.todo:
-                prune_todo(plan)
-        finally:
-            lock.unlink(missing_ok=True)
-    records = [plan.done[c] for c in plan.constraints]
-    if plan.family:
-        runner.family_summary(plan, records)
-        return records
-    return records[0]
+            lock.write_text("")
+        except OSError as err:
+            log.warning("could not release the lock %s (%s); delete it before re-running", lock,
+                        err.strerror)
 
 
 def prune_todo(plan) -> None:
@@ -100,16 +137,88 @@ def latency_line(lat: dict) -> str:
     return text
 
 
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def check_mode(hc) -> None:
+    """An experiment that defines a sweep (``hydra.sweeper.params``) runs only with ``-m``;
+    without it Hydra would quietly run one of its runs."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from experiments.errors import RunError
+
+    params = OmegaConf.select(hc, "sweeper.params")
+    if hc.mode != RunMode.RUN or not params:
+        return
+    values = [str(v) for v in params.values()]
+    simple = not any(c in v for v in values for c in "([{")  # plain a,b,c lists
+    runs = math.prod(len(v.split(",")) for v in values) if simple else None
+    experiment = hc.runtime.choices.get("experiment")
+    what = f"experiment={experiment}" if experiment else "hydra.sweeper.params"
+    size = f"a sweep of {runs} runs" if runs else "a sweep"
+    raise RunError(f"{what} is {size} (over {', '.join(params)}) and runs only with -m: "
+                   f"python run.py -m {shlex.join(hc.overrides.task)}")
+
+
+def interrupted_line(err: KeyboardInterrupt, hc) -> str:
+    """What a Ctrl-C left: the finished constraints and how to resume."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    done = getattr(err, "done", [])
+    if not done:
+        return "interrupted before a constraint finished; re-run the same command to start again"
+    out_dir = err.out_dir
+    timestamped = hc.mode == RunMode.RUN and "${now:" in str(
+        OmegaConf.to_container(hc.run, resolve=False).get("dir", ""))
+    again = f"re-run the same command with hydra.run.dir={out_dir}" if timestamped else \
+        "re-run the same command"
+    return (f"interrupted; the finished constraint(s) {', '.join(f'{c:g}' for c in done)} are "
+            f"saved in {out_dir}; {again} to resume (finished ones are skipped)")
+
+
+def write_error_line(err: OSError) -> str:
+    """A failed write outside the records' own handling (e.g. ``family.json``), in one line."""
+    from experiments.runner import write_fix
+
+    where = Path(err.filename).parent if err.filename else "the run directory"
+    return f"error: could not write {err.filename} ({err.strerror}); " \
+        f"{write_fix(err, where)} and re-run"
+
+
+def stop(hc, line: str, code: int) -> None:
+    """Log ``line``, remove a run directory that holds only Hydra's files, and exit."""
+    from hydra.types import RunMode
+
+    from experiments.config import discard_unused_run_dir
+
+    log.error("%s", line)
+    discard_unused_run_dir(hc.runtime.output_dir, hc.job.name, hc.mode == RunMode.MULTIRUN)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    """``run`` with every expected failure as one line: bad input (exit 2), a failed write
+    (exit 2), Ctrl-C (exit 130, the finished constraints kept)."""
+    from hydra.core.hydra_config import HydraConfig
+
     from experiments.errors import RunError
     from prune import PruneError
 
+    hc = HydraConfig.get()
     try:
+        check_mode(hc)
         run(cfg)
     except (RunError, PruneError) as err:
-        log.error("error: %s", err)
-        sys.exit(2)
+        stop(hc, f"error: {err}", 2)
+    except KeyboardInterrupt as err:
+        stop(hc, interrupted_line(err, hc), 130)
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        stop(hc, write_error_line(err), 2)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -216,7 +217,9 @@ def validate(cfg) -> list[float]:
 
 class WritableOutput(Callback):
     """Stop with one line, before Hydra creates its run (or sweep) directory, when that
-    directory cannot be written (instead of Hydra's traceback)."""
+    directory cannot be written (instead of Hydra's traceback). Remembers the directories it
+    creates, so that a run that fails before writing anything leaves none behind
+    (``discard_unused_run_dir``)."""
 
     def on_run_start(self, config, **kwargs) -> None:
         self._check(config.hydra.run.dir)
@@ -231,11 +234,60 @@ class WritableOutput(Callback):
 
         from experiments.records import check_writable
 
+        new = _first_missing(Path(directory))
         try:
             check_writable(directory)
         except RunError as err:
             logging.getLogger("fastprune").error("error: %s", err)
             sys.exit(2)
+        if new is not None:
+            _CREATED.append(new.resolve())
 
+
+# directories the run (or sweep) start created, topmost first
+_CREATED: list[Path] = []
+HYDRA_FILES = (".hydra",)  # plus the job's log file, ``<job name>.log``
+
+
+def _first_missing(directory: Path) -> Path | None:
+    """The topmost ancestor of ``directory`` (itself included) that does not exist yet."""
+    missing = None
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def discard_unused_run_dir(output_dir: str | Path, job_name: str, sweep_job: bool) -> None:
+    """Remove a job's directory that holds nothing but Hydra's own files (``.hydra/`` and the
+    job log), after a run that stopped before writing anything: a failed validation must not
+    leave folders such as ``c[0.4, 'abc']/<time>/`` behind. A single run's directory goes only
+    if this process created it (``WritableOutput``), with the parents it created; a sweep's
+    job directory (``sweep_job``) whenever it holds only Hydra's files of this job. A directory
+    holding anything else is left alone."""
+    import shutil
+
+    output_dir = Path(output_dir).resolve()
+    ours = [d for d in _CREATED if d == output_dir or d in output_dir.parents]
+    if not (sweep_job or ours) or not output_dir.is_dir():
+        return
+    hydra_files = {*HYDRA_FILES, f"{job_name}.log"}
+    if any(p.name not in hydra_files for p in output_dir.iterdir()):
+        return
+    for name in hydra_files:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    top = ours[0] if ours else output_dir
+    for path in (output_dir, *output_dir.parents):
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            return
+        if path == top:
+            return
 
 register()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -430,8 +431,15 @@ def write_record(record: Record, path: Path) -> None:
         raise RunError(
             f"could not write {path} ({write_failure(err)}); {record.model}/{record.task} at "
             f"{record.constraint:g}: {key} {100 * record.baseline[key]:.2f} -> "
-            f"{100 * record.pruned[key]:.2f}, FLOPs {record.flops['ratio']:.3f}; free space "
-            f"and re-run") from None
+            f"{100 * record.pruned[key]:.2f}, FLOPs {record.flops['ratio']:.3f}; "
+            f"{write_fix(err, path.parent)} and re-run") from None
+
+
+def write_fix(err: Exception, directory: Path) -> str:
+    """What to do about a failed write: make the directory writable again, or free space."""
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {directory} writable again"
+    return "free space"
 
 
 def _save_outputs(plan: Plan, path: Path, model, tokenizer, result, record: Record) -> None:
@@ -455,7 +463,8 @@ def _save_outputs(plan: Plan, path: Path, model, tokenizer, result, record: Reco
         except WRITE_ERRORS:
             pass
         raise RunError(f"could not save the pruned model in {path} ({write_failure(err)}); "
-                       f"the results are in results.json; free space and re-run") from None
+                       f"the results are in results.json; {write_fix(err, path)} and "
+                       f"re-run") from None
 
 
 def family_summary(plan: Plan, records: list[Record]) -> None:

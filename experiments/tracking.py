@@ -35,19 +35,38 @@ def _summary(record: dict) -> dict:
     return {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float))}
 
 
+# seconds W&B may take to start a run (its default, 90, is paid per run when the network is
+# down; W&B adds 10 s of grace); WANDB_INIT_TIMEOUT overrides it
+INIT_TIMEOUT = 10.0
+
+# trackers that failed in this process (their settings -> why): not tried again, so that a
+# family or a sweep pays the failure (a timeout) once
+_failed: dict[tuple, str] = {}
+
+
 def log_record(logger_cfg, record: dict, config: dict) -> None:
     """Send a finished run's record to the configured tracker. Called after ``results.json``
-    is written: a tracker that fails (no network, no API key, a bad setting) only warns."""
+    is written: a tracker that fails (no network, no API key, a bad setting) only warns, once
+    per process; the later runs of the process skip it."""
     if logger_cfg.kind == "none":
+        return
+    mode = os.environ.get("WANDB_MODE", logger_cfg.mode)
+    settings = (logger_cfg.kind, mode, logger_cfg.project, logger_cfg.entity,
+                str(logger_cfg.dir))
+    if settings in _failed:
+        log.debug("not logging to %s: it failed earlier in this process (%s)", logger_cfg.kind,
+                  _failed[settings])
         return
     try:
         import wandb
 
-        mode = os.environ.get("WANDB_MODE", logger_cfg.mode)
+        # settings as a dict: with a wandb.Settings object (wandb 0.31) the offline run's file
+        # stayed empty (tests/test_latency.py::test_wandb_logs_offline_and_writes_its_files)
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT))
         run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
                          dir=str(logger_cfg.dir), name=f"{record['model']}-{record['task']}-"
                          f"c{record['constraint']}", tags=list(logger_cfg.tags), config=config,
-                         reinit="create_new")
+                         reinit="create_new", settings={"init_timeout": timeout})
         try:
             flat = _summary(record)
             run.log(flat)
@@ -55,5 +74,9 @@ def log_record(logger_cfg, record: dict, config: dict) -> None:
         finally:
             run.finish()
     except Exception as err:  # any tracker failure: the record is already safe on disk
-        log.warning("logging to %s failed (%s); the run's record is in results.json",
-                    logger_cfg.kind, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        _failed[settings] = why
+        longer = "; WANDB_INIT_TIMEOUT=60 waits longer" if "timed out" in why.lower() else ""
+        log.warning("logging to %s failed (%s); the run's record is in results.json; not "
+                    "trying %s again in this process%s", logger_cfg.kind, why, logger_cfg.kind,
+                    longer)
