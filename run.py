@@ -178,13 +178,13 @@ def interrupted_line(err: KeyboardInterrupt, hc) -> str:
             f"saved in {out_dir}; {again} to resume (finished ones are skipped)")
 
 
-def write_error_line(err: OSError) -> str:
+def write_error_line(err: OSError, out_dir: str) -> str:
     """A failed write outside the records' own handling (e.g. ``family.json``), in one line."""
     from experiments.runner import write_fix
 
-    where = Path(err.filename).parent if err.filename else "the run directory"
-    return f"error: could not write {err.filename} ({err.strerror}); " \
-        f"{write_fix(err, where)} and re-run"
+    what = err.filename or f"in {out_dir}"
+    where = Path(err.filename).parent if err.filename else Path(out_dir)
+    return f"error: could not write {what} ({err.strerror}); {write_fix(err, where)} and re-run"
 
 
 def stop(hc, line: str, code: int) -> None:
@@ -218,7 +218,7 @@ def main(cfg: DictConfig) -> None:
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:
             raise
-        stop(hc, write_error_line(err), 2)
+        stop(hc, write_error_line(err, hc.runtime.output_dir), 2)
 
 
 if __name__ == "__main__":

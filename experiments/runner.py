@@ -410,6 +410,9 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
         params={"baseline": baseline["params"],
                 "pruned": sum(p.numel() for p in model.parameters())},
         fisher_cache=fisher_info, timings=timings, masks=result.masks.summary(),
+        align={"granularity": opts.granularity,
+               "aligned": all(n % opts.granularity == 0 or n == loaded.adapter.intermediate_size
+                              for n in neurons)},
         tune=result.tune_stats.as_dict() if result.tune_stats else None,
         config=OmegaConf.to_container(cfg, resolve=True),
         identity={**plan.identity, "constraint": constraint},
@@ -438,6 +441,8 @@ def write_record(record: Record, path: Path) -> None:
 def write_fix(err: Exception, directory: Path) -> str:
     """What to do about a failed write: make the directory writable again, or free space."""
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent  # the one that refused to hold a new sub-directory
         return f"make {directory} writable again"
     return "free space"
 
