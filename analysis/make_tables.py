@@ -88,6 +88,28 @@ def bench_blocks(data: Path) -> dict[str, str]:
     return out
 
 
+def align_block(data: Path) -> dict[str, str]:
+    """``align-cpu``: the CPU latency of aligned against unaligned widths
+    (``python -m experiments.align_bench``, ``analysis/results/align-cpu.json``)."""
+    path = data / "align-cpu.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    lines = ["| model | FLOPs kept | g=1 median s | g=8 median s | g=8 / g=1 | per-round median "
+             "g=8 / g=1 | importance kept g=8 / g=1 |", "|---|---|---|---|---|---|---|"]
+    for m in saved["models"]:
+        for c, r in m["constraints"].items():
+            lines.append(f"| {m['model']} | {c} | {r['g1']['median']:.2f} | "
+                         f"{r['g8']['median']:.2f} | {r['ratio_g8_g1']:.3f} | "
+                         f"{r['ratio_g8_g1_per_round_median']:.3f} | "
+                         f"{r['g8']['retained'] / r['g1']['retained']:.4f} |")
+    load = saved.get("load_average_at_start") or [float("nan")]
+    lines += ["", f"float32, batch {saved['batch_size']} x {saved['seq_len']} tokens, "
+              f"{saved['threads']} threads, {saved['rounds']} interleaved rounds; load average "
+              f"{load[0]:.1f} at the start (other jobs shared the cores)."]
+    return {"align-cpu": "\n".join(lines) + "\n"}
+
+
 def write_data(runs: pd.DataFrame, out: Path) -> dict[str, Path]:
     summary = summarize(runs)
     written = {"results": out / "results.csv", "summary": out / "summary.csv",
@@ -105,7 +127,7 @@ def blocks(runs: pd.DataFrame, data: Path = RESULTS) -> dict[str, str]:
     out = {}
     for name, sections in {**tables(runs), **v1_tables(runs, data)}.items():
         out[name] = "\n".join(to_markdown(table) for _, table in sections)
-    return {**out, **bench_blocks(data)}
+    return {**out, **bench_blocks(data), **align_block(data)}
 
 
 def make_all(results: list[str | Path], out: str | Path,

@@ -15,11 +15,12 @@ and what is left of the budget is split between further heads and neurons by Alg
 slopes. The best total importance over all these choices wins. Under FLOPs (no flat part) this
 is exactly Algorithm 1.
 
-Difference from the official code: its FLOPs loop starts at one head and, when the heads alone
-exceed the budget, takes a negative neuron count as a Python slice (all but the last few
-neurons), so it can keep far more than the budget (0.339 of the FLOPs at constraint 0.3 on
-BERT-base MNLI shapes); here a split that does not fit is never chosen, and zero heads is a
-candidate. Its latency search keeps the flat part of every layer; here whole layers may go.
+Difference from the official code: its FLOPs loop starts at one head and clamps the neuron count
+at zero (its commit 200c951, "Prevent negative num_neurons"), so when the heads it keeps alone
+exceed the budget it keeps them with no neurons and overshoots; here a split that does not fit is
+never chosen, and zero heads is a candidate. Its latency search tries dropping 0 .. L-1 whole
+layers but decrements the remaining budget cumulatively across the tries, so it is defeated; here
+each choice of whole layers starts from the whole budget.
 
 Aligned widths (``granularity = g``, beyond the paper): on a GPU in float16/bfloat16 a kept FFN
 width that is not a multiple of 8 misses the tensor cores, and the pruned model can be slower
