@@ -172,7 +172,8 @@ def interrupted_line(err: KeyboardInterrupt, hc) -> str:
     out_dir = err.out_dir
     timestamped = hc.mode == RunMode.RUN and "${now:" in str(
         OmegaConf.to_container(hc.run, resolve=False).get("dir", ""))
-    again = f"re-run the same command with hydra.run.dir={out_dir}" if timestamped else \
+    override = shlex.quote('hydra.run.dir="%s"' % out_dir)  # a path with [, ] and spaces
+    again = f"re-run the same command with {override}" if timestamped else \
         "re-run the same command"
     return (f"interrupted; the finished constraint(s) {', '.join(f'{c:g}' for c in done)} are "
             f"saved in {out_dir}; {again} to resume (finished ones are skipped)")

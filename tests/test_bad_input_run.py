@@ -75,7 +75,8 @@ def test_ctrl_c_during_a_family_is_one_line_and_the_rerun_resumes(tiny_checkpoin
     line = one_line(out, "interrupted")
     (run_dir,) = (tmp_path / "out" / "runs").glob("*/*/*/*")
     assert f"the finished constraint(s) 0.4 are saved in {run_dir};" in line
-    assert f"re-run the same command with hydra.run.dir={run_dir} to resume" in line
+    # quoted for the shell and for Hydra: the path has brackets, commas and spaces
+    assert f"""re-run the same command with 'hydra.run.dir="{run_dir}"' to resume""" in line
     assert not (run_dir / ".lock").exists()
     assert json.loads((run_dir / "c0.4" / "results.json").read_text())["complete"] is True
     assert not (run_dir / "c0.5" / "results.json").exists()
@@ -155,6 +156,14 @@ def test_run_directory_unwritable_mid_run_is_one_line_and_frees_the_lock(
     assert not lock.exists() or not experiments.runner._holder_alive(lock)
     assert lean_run(env)["complete"] is True  # writable again: the re-run takes the lock over
     assert not lock.exists()
+
+
+def test_refused_new_sub_directory_names_the_directory_to_make_writable(tmp_path):
+    err = PermissionError(13, "Permission denied", str(tmp_path / "run" / "c0.5"))
+    assert experiments.runner.write_fix(err, tmp_path / "run" / "c0.5") == \
+        f"make {tmp_path} writable again"
+    assert experiments.runner.write_fix(OSError(28, "No space left on device"), tmp_path) == \
+        "free space"
 
 
 FAMILY_JSON_DENIED = """
