@@ -28,6 +28,7 @@ from analysis.plots import accuracy_vs_flops, accuracy_vs_latency, speedup_vs_fl
 from analysis.studies import (
     adaptive_table,
     departures_table,
+    frontier_table,
     latency_table,
     samples_table,
     tune_samples_table,
@@ -44,7 +45,7 @@ from analysis.tables import (
 )
 
 TABLES = ["demo", "main", "ablation", "departures", "latency", "unlabeled", "adaptive", "samples",
-          "tune_samples"]
+          "tune_samples", "frontier"]
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2 -->)", re.S)
@@ -64,6 +65,7 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
         "adaptive": [("adaptive", adaptive_table(runs))],
         "samples": [("samples", samples_table(runs))],
         "tune_samples": [("tune_samples", tune_samples_table(runs))],
+        "frontier": [("frontier", frontier_table(runs))],
     }
 
 

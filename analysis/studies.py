@@ -5,6 +5,8 @@ the no-difference rule (``analysis.stats``)."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from analysis.identity import DEFAULT_STAGE, STAGES, prune_defaults, show
@@ -200,3 +202,37 @@ def tune_samples_table(runs: pd.DataFrame) -> pd.DataFrame:
                         for label in order if label != ref})
         rows.append(row)
     return frame(rows, index)
+
+
+def frontier_table(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
+    """High compression (issue 25): per model, task and stage (``+mask``, ``+weights``), the
+    smallest FLOPs constraint whose mean metric is within ``within`` points of the baseline, the
+    metric there, and the measured speedup of that setting (batch 32, 128 tokens, CPU float32),
+    with the geometric mean of the speedups over tasks per model and stage."""
+    sel = select(runs, stages=[DEFAULT_STAGE, "+weights"], variants=["default"])
+    if sel.empty:
+        return pd.DataFrame()
+    rows = []
+    for (model, task, stage), part in sel.groupby(["model", "task", "stage"]):
+        base = Stat.pooled([Stat.of(s, "baseline") for _, s in part.iterrows()]).mean
+        ok = part[part["pruned_mean"] >= base - within].sort_values("constraint")
+        row = {"model": model, "task": task, "stage": stage, "baseline": f"{base:.2f}",
+               "constraints": ",".join(f"{c:g}" for c in sorted(part["constraint"].unique()))}
+        if ok.empty:
+            row.update({"lowest FLOPs within": "--", "pruned there": "--", "speedup": "--"})
+        else:
+            best = ok.iloc[0]
+            speed = Stat.of(best, "speedup")
+            row.update({"lowest FLOPs within": f"{best['constraint']:g}",
+                        "pruned there": cell([best]),
+                        "speedup": f"{speed.mean:.2f}x" if speed.n else "--"})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for _, part in table.groupby(["model", "stage"]):
+        speeds = [float(s[:-1]) for s in part["speedup"] if s != "--"]
+        if len(speeds) == len(part) and speeds:
+            geo = math.exp(sum(math.log(v) for v in speeds) / len(speeds))
+            table.loc[part.index, "geomean speedup"] = f"{geo:.2f}x"
+        else:
+            table.loc[part.index, "geomean speedup"] = "--"
+    return table.set_index(["model", "task", "stage"]).sort_index()

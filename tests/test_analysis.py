@@ -511,3 +511,28 @@ def test_notebook_runs_headless(results, tmp_path):
                    for o in c.get("outputs", []))
     assert "86.00 ± 1.00" in text and "± 0.00" in text
 
+
+
+def test_frontier_table(tmp_path):
+    """The smallest constraint within 3 points of the baseline per stage, its measured speedup,
+    and the geometric mean over tasks (only when every task has one)."""
+    from analysis.collect import collect
+    from analysis.studies import frontier_table
+
+    runs = {}
+    for c, mask, weights in ((0.1, 0.40, 0.80), (0.2, 0.70, 0.875), (0.3, 0.875, 0.89)):
+        runs.update(runs_of(**{
+            f"m{c}": three(mask, constraint=c, latency=c + 0.1),
+            f"w{c}": three(weights, constraint=c, latency=c + 0.1, prune={"tune": "weights"}),
+            f"r{c}": three(weights, constraint=c, task="rte", latency=c + 0.15,
+                           prune={"tune": "weights"})}))
+    table = frontier_table(collect(write(tmp_path, runs)))
+    mask = table.loc[("minilm", "sst2", "+mask")]
+    assert (mask["lowest FLOPs within"], mask["pruned there"], mask["speedup"]) == \
+        ("0.3", "87.50 ± 1.00", "2.50x")
+    weights = table.loc[("minilm", "sst2", "+weights")]
+    assert (weights["lowest FLOPs within"], weights["speedup"]) == ("0.2", "3.33x")
+    rte = table.loc[("minilm", "rte", "+weights")]
+    assert rte["lowest FLOPs within"] == "0.2" and rte["speedup"] == "2.86x"
+    assert weights["geomean speedup"] == "3.09x"  # sqrt(3.33 * 2.86)
+    assert mask["geomean speedup"] == "2.50x"  # the only task with +mask runs
