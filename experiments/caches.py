@@ -27,7 +27,7 @@ from torch import nn
 from experiments.records import WRITE_ERRORS, write_atomic, write_failure
 from prune.arch import Adapter
 from prune.fisher import Fisher
-from prune.latency import LatencyTable, build_latency_table
+from prune.latency import LatencyTable, build_latency_table, check_dtype
 from prune.runtime import model_device
 
 log = logging.getLogger(__name__)
@@ -221,24 +221,27 @@ def cpu_name() -> str:
 
 
 def latency_table_key(model: nn.Module, adapter: Adapter, batch_size: int, seq_len: int,
-                      points: int, min_run_time: float) -> dict:
-    """Everything a measured latency table depends on."""
+                      points: int, min_run_time: float, dtype: str = "float32") -> dict:
+    """Everything a measured latency table depends on. ``dtype`` is the precision it is timed
+    in (``prune.latency.DTYPES``; the model is timed as a cast copy, so its own weights' dtype
+    does not change the answer)."""
     device = model_device(model)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": f"{device.type}:{name}", "threads": torch.get_num_threads(),
-            "dtype": str(next(model.parameters()).dtype),
+            "dtype": check_dtype(dtype),
             "attention": getattr(model.config, "_attn_implementation", None),
             "family": adapter.family, "layers": adapter.num_layers, "heads": adapter.num_heads,
             "hidden": adapter.hidden_size, "ffn": adapter.intermediate_size,
             "batch_size": batch_size, "seq_len": seq_len, "points": points,
-            "min_run_time": min_run_time, "torch": torch.__version__, "version": 3}
+            "min_run_time": min_run_time, "torch": torch.__version__, "version": 4}
 
 
 def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Path | None,
                          batch_size: int = 32, seq_len: int = 128, points: int = 8,
-                         min_run_time: float = 1.0) -> LatencyTable:
-    """The table of this machine, model shape and measurement settings: cached or measured."""
-    key = latency_table_key(model, adapter, batch_size, seq_len, points, min_run_time)
+                         min_run_time: float = 1.0, dtype: str = "float32") -> LatencyTable:
+    """The table of this machine, model shape, measurement settings and precision (``dtype``,
+    one of ``prune.latency.DTYPES``): cached or measured."""
+    key = latency_table_key(model, adapter, batch_size, seq_len, points, min_run_time, dtype)
     path = Path(cache_dir) / f"latency-{key_hash(key)}.json" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
@@ -249,14 +252,15 @@ def cached_latency_table(model: nn.Module, adapter: Adapter, cache_dir: str | Pa
                     return cached
         except (OSError, ValueError, TypeError) as err:
             log.warning("ignoring unreadable latency table %s (%s)", path, err)
-    table = build_latency_table(model, adapter, batch_size, seq_len, points, min_run_time)
+    table = build_latency_table(model, adapter, batch_size, seq_len, points, min_run_time,
+                                dtype)
     reason = table.noise_reason()
     if reason is not None:  # usable for this run, but never served to later ones
         log.warning("the latency lookup table looks like noise: %s (batch %d, %d tokens, %g s "
-                    "per point), so its budgets are not to be trusted. Time it on a quiet "
+                    "per point, %s), so its budgets are not to be trusted. Time it on a quiet "
                     "machine or raise latency.batch_size, latency.seq_len or "
                     "latency.table_min_run_time; it was not cached", reason, batch_size, seq_len,
-                    min_run_time)
+                    min_run_time, dtype)
     elif path is not None:
         text = json.dumps({"key": json.loads(canonical(key)), "table": table.to_dict()})
         _save_quietly(path, lambda tmp: tmp.write_text(text), "latency table")

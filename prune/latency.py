@@ -17,6 +17,14 @@ Caching a table is the caller's business (``to_dict`` / ``from_dict``); a table 
 units kept, or timings whose spread is large) must not be cached. ``is_noisy`` says whether one
 measurement's spread is too large to trust; ``compare_latency`` carries it as ``noisy``.
 
+Precision: every measurement and table is taken in one of ``DTYPES``, the dtype the model is
+deployed in, on a cast copy (the caller's model is never changed). ``float32`` is strict IEEE
+float32 (TF32 matmuls and cuDNN off on CUDA), ``tf32`` allows TF32 on CUDA (on CPU it is
+``float32``), ``float16`` and ``bfloat16`` cast the weights. A pruned model can be faster than
+the unpruned one in float32 and slower in bfloat16 (FFN widths off the multiple of 8 leave the
+tensor cores' fast path), so a speedup, a table and a latency budget hold for their dtype only;
+each ``Latency`` and ``LatencyTable`` says its ``dtype``.
+
 An earlier version timed one layer alone and took the rest (full model minus ``L`` lone
 layers) as fixed. On the demo that put 26% of the model's time outside the layers while the
 emptied model measures 1.6%, so every prediction was too high and the search left up to three
@@ -26,8 +34,9 @@ quarters of its budget unspent (asked 0.6, measured 0.52; asked 0.3, measured 0.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -36,9 +45,58 @@ from torch.utils.benchmark import Timer
 
 from prune.arch import Adapter
 from prune.cost import CostModel, UnitCurve
+from prune.errors import PruneError
 from prune.masks import Masks
 from prune.physical import prune_model
 from prune.runtime import eval_mode, model_device
+
+# the precisions a model is timed in: name -> the dtype of its weights
+DTYPES = ("float32", "tf32", "float16", "bfloat16")
+TORCH_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of ``DTYPES``, else a one-line ``PruneError``."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise PruneError(f"latency dtype={dtype!r}: use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def cast_model(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` itself when every floating-point weight already has ``dtype``'s type, else a
+    copy cast to it: the caller's model is never changed."""
+    target = TORCH_DTYPES[check_dtype(dtype)]
+    floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == target for t in floating):
+        return model
+    return copy.deepcopy(model).to(target)
+
+
+@contextmanager
+def precision(dtype: str, device: torch.device) -> Iterator[None]:
+    """On CUDA, TF32 matmuls and cuDNN ops allowed for ``tf32`` and forbidden for ``float32``
+    inside the block (``torch.backends.cuda.matmul`` / ``cudnn.allow_tf32``), restored after;
+    nothing to do for ``float16``, ``bfloat16`` or on CPU."""
+    if device.type != "cuda" or check_dtype(dtype) not in ("float32", "tf32"):
+        yield
+        return
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    allow = dtype == "tf32"
+    try:
+        saved = [(f, "allow_tf32", f.allow_tf32) for f in flags]
+    except RuntimeError:  # set through the newer fp32_precision API: reading the old one fails
+        saved = [(f, "fp32_precision", f.fp32_precision) for f in flags]
+    try:
+        for f, name, _ in saved:
+            if name == "allow_tf32":
+                setattr(f, name, allow)
+            else:
+                setattr(f, name, "tf32" if allow else "ieee")
+        yield
+    finally:
+        for f, name, value in saved:
+            setattr(f, name, value)
 
 
 @dataclass
@@ -46,14 +104,16 @@ class Latency:
     median: float  # seconds per forward pass
     iqr: float  # interquartile range of the measurements
     measurements: int
+    dtype: str = "float32"  # the precision it was timed in (one of DTYPES)
 
     @classmethod
-    def of(cls, fn, min_run_time: float) -> "Latency":
-        """Time ``fn()`` with ``torch.utils.benchmark`` for at least ``min_run_time`` seconds."""
+    def of(cls, fn, min_run_time: float, dtype: str = "float32") -> "Latency":
+        """Time ``fn()`` with ``torch.utils.benchmark`` for at least ``min_run_time`` seconds
+        (the timer synchronises CUDA around each block)."""
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         with torch.inference_mode():
             m = timer.blocked_autorange(min_run_time=min_run_time)
-        return cls(float(m.median), float(m.iqr), len(m.times))
+        return cls(float(m.median), float(m.iqr), len(m.times), dtype)
 
 
 # a measurement whose interquartile range exceeds this fraction of its median is not trusted
@@ -86,22 +146,27 @@ def dummy_inputs(model: nn.Module, batch_size: int, seq_len: int, seed: int = 0)
 
 
 def measure_latency(model: nn.Module, batch_size: int = 32, seq_len: int = 128,
-                    min_run_time: float = 5.0) -> Latency:
-    """Latency of ``model`` on random token ids (``batch_size`` x ``seq_len``)."""
-    inputs = dummy_inputs(model, batch_size, seq_len)
-    with eval_mode(model):
-        return Latency.of(lambda: model(**inputs), min_run_time)
+                    min_run_time: float = 5.0, dtype: str = "float32") -> Latency:
+    """Latency of ``model`` in ``dtype`` (one of ``DTYPES``; a cast copy when its weights have
+    another type) on random token ids (``batch_size`` x ``seq_len``)."""
+    timed = cast_model(model, dtype)
+    inputs = dummy_inputs(timed, batch_size, seq_len)
+    with eval_mode(timed) as device, precision(dtype, device):
+        return Latency.of(lambda: timed(**inputs), min_run_time, dtype)
 
 
 def compare_latency(baseline: Latency, pruned: Latency) -> dict:
     """Both measurements, the ratio and speedup of the medians, ``spread`` (the larger
-    IQR / median of the two) and ``noisy`` (``spread`` above ``NOISY_SPREAD``: do not trust the
-    speedup)."""
+    IQR / median of the two), ``noisy`` (``spread`` above ``NOISY_SPREAD``: do not trust the
+    speedup) and ``dtype`` (both were timed in it; measurements in two dtypes are refused)."""
+    if baseline.dtype != pruned.dtype:
+        raise PruneError(f"the baseline was timed in {baseline.dtype} and the pruned model in "
+                         f"{pruned.dtype}: time both in the same dtype")
     worst = max(spread(baseline), spread(pruned))
     return {"baseline": asdict(baseline), "pruned": asdict(pruned),
             "ratio": pruned.median / baseline.median,
             "speedup": baseline.median / pruned.median,
-            "spread": worst, "noisy": worst > NOISY_SPREAD}
+            "spread": worst, "noisy": worst > NOISY_SPREAD, "dtype": pruned.dtype}
 
 
 def fit_piecewise(x: np.ndarray, y: np.ndarray) -> UnitCurve:
@@ -138,6 +203,7 @@ class LatencyTable:
     num_heads: int
     num_neurons: int
     spread: float = 0.0  # the largest IQR / median among the table's measurements
+    dtype: str = "float32"  # the precision it was timed in (one of DTYPES)
 
     def empty_share(self) -> float:
         """The emptied model's time as a share of the whole model's (1.6% on the demo)."""
@@ -209,9 +275,12 @@ def uniform_model(model: nn.Module, adapter: Adapter, heads: int, neurons: int) 
 
 
 def build_latency_table(model: nn.Module, adapter: Adapter, batch_size: int = 32,
-                        seq_len: int = 128, points: int = 8,
-                        min_run_time: float = 1.0) -> LatencyTable:
-    """Time the whole model over a grid of head and neuron counts kept in every layer."""
+                        seq_len: int = 128, points: int = 8, min_run_time: float = 1.0,
+                        dtype: str = "float32") -> LatencyTable:
+    """Time the whole model in ``dtype`` (one of ``DTYPES``) over a grid of head and neuron
+    counts kept in every layer. The pruned copies are cut from one copy cast to ``dtype``; the
+    model itself is left whole and in its own dtype."""
+    base = cast_model(model, dtype)
     H, N, L = adapter.num_heads, adapter.intermediate_size, adapter.num_layers
     heads = sorted({int(h) for h in np.linspace(1, H, min(points, H)).round()})
     neurons = sorted({int(n) for n in np.linspace(N / points, N, points).round()})
@@ -219,14 +288,14 @@ def build_latency_table(model: nn.Module, adapter: Adapter, batch_size: int = 32
     spreads = []
 
     def t(h: int | None, n: int | None) -> float:
-        part = model if h is None else uniform_model(model, adapter, h, n)
-        lat = measure_latency(part, batch_size, seq_len, min_run_time)
+        part = base if h is None else uniform_model(base, adapter, h, n)
+        lat = measure_latency(part, batch_size, seq_len, min_run_time, dtype)
         spreads.append(spread(lat))
         return lat.median
 
-    with eval_mode(model):
+    with eval_mode(base):
         empty = t(0, 0)
         attn = [max(t(h, 0) - empty, 0.0) / L for h in heads]
         ffn = [max(t(0, n) - empty, 0.0) / L for n in neurons]
         full = t(None, None)
-    return LatencyTable(heads, attn, neurons, ffn, empty, full, L, H, N, max(spreads))
+    return LatencyTable(heads, attn, neurons, ffn, empty, full, L, H, N, max(spreads), dtype)

@@ -9,16 +9,20 @@ import torch
 from conftest import tiny_model
 from test_run import FAST, run
 
+import prune.latency
 from experiments.caches import cached_latency_table, latency_table_key
 from experiments.errors import RunError
-from prune import get_adapter
+from prune import PruneError, get_adapter
 from prune.latency import (
+    DTYPES,
     Latency,
     LatencyTable,
     build_latency_table,
+    compare_latency,
     fit_piecewise,
     latency_cost,
     measure_latency,
+    precision,
 )
 
 
@@ -60,9 +64,9 @@ def steady_timer(adapter):
     """A ``measure_latency`` stand-in that costs each head and neuron a fixed time: a steady
     machine, for tests about what is done with a table rather than about timing itself (real
     timings of a tiny model under load came out with empty/full of 0.40, 36.1 and 0.31)."""
-    def units_latency(m, batch_size, seq_len, min_run_time):
+    def units_latency(m, batch_size, seq_len, min_run_time, dtype="float32"):
         return Latency(1.0 + sum(adapter.heads_per_layer(m)) +
-                       0.01 * sum(adapter.neurons_per_layer(m)), 0.0, 1)
+                       0.01 * sum(adapter.neurons_per_layer(m)), 0.0, 1, dtype)
     return units_latency
 
 
@@ -94,8 +98,8 @@ def test_table_round_trips_from_cache_and_every_setting_is_in_its_key(tmp_path, 
     monkeypatch.undo()
     eager = tiny_model("bert", layers=2, attn="eager")
     changed["attention"] = latency_table_key(eager, get_adapter(eager), **settings)
-    changed["dtype"] = latency_table_key(tiny_model("bert", layers=2).double(), adapter,
-                                         **settings)
+    for dtype in DTYPES[1:]:
+        changed[dtype] = latency_table_key(model, adapter, **settings, dtype=dtype)
     for what, key in changed.items():
         assert key != base, what
     assert base["device"].startswith("cpu:") and base["device"] != "cpu:"
@@ -117,13 +121,112 @@ def test_measured_table_is_monotone_and_latency_is_positive():
     assert 0 < lat.median and lat.iqr >= 0 and lat.measurements >= 1
 
 
+def test_bfloat16_table_and_measurement_time_a_cast_copy_and_leave_the_model_float32(
+        monkeypatch):
+    """Item 3 of issue 22: latency in the deployment dtype. The timed models are bfloat16 (on
+    CPU too), the measurement and the table say so, and the caller's model keeps its float32
+    weights, unchanged."""
+    model = tiny_model("bert", layers=2, heads=4, hidden=32, ffn=64)
+    adapter = get_adapter(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    timed_dtypes = []
+    real_inputs = prune.latency.dummy_inputs
+
+    def spy(m, *args):
+        timed_dtypes.append(next(m.parameters()).dtype)
+        return real_inputs(m, *args)
+
+    monkeypatch.setattr("prune.latency.dummy_inputs", spy)
+    lat = measure_latency(model, batch_size=2, seq_len=8, min_run_time=0.01, dtype="bfloat16")
+    assert lat.dtype == "bfloat16" and lat.median > 0
+    table = build_latency_table(model, adapter, batch_size=2, seq_len=8, points=2,
+                                min_run_time=0.01, dtype="bfloat16")
+    assert table.dtype == "bfloat16" and table.full > 0
+    assert LatencyTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    assert timed_dtypes and set(timed_dtypes) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert adapter.heads_per_layer(model) == [4, 4]
+    # float32 and tf32 time the model itself (no copy); on CPU tf32 is float32
+    timed_dtypes.clear()
+    for dtype in ("float32", "tf32"):
+        assert measure_latency(model, 2, 8, 0.01, dtype).dtype == dtype
+    assert timed_dtypes == [torch.float32] * 2
+
+
+def test_a_comparison_says_its_dtype_and_refuses_two():
+    base, pruned = Latency(0.5, 0.01, 20, "bfloat16"), Latency(0.25, 0.01, 20, "bfloat16")
+    result = compare_latency(base, pruned)
+    assert result["dtype"] == "bfloat16" and result["speedup"] == pytest.approx(2.0)
+    assert result["pruned"]["dtype"] == "bfloat16"
+    assert compare_latency(Latency(0.5, 0.0, 3), Latency(0.4, 0.0, 3))["dtype"] == "float32"
+    with pytest.raises(PruneError, match="timed in float32 and the pruned model in bfloat16"):
+        compare_latency(Latency(0.5, 0.0, 3), pruned)
+
+
+def test_dtype_is_part_of_the_table_cache_key(tmp_path, monkeypatch):
+    model = tiny_model("bert", layers=2)
+    adapter = get_adapter(model)
+    monkeypatch.setattr("prune.latency.measure_latency", steady_timer(adapter))
+    settings = dict(batch_size=2, seq_len=8, points=3, min_run_time=0.01)
+    keys = {d: latency_table_key(model, adapter, **settings, dtype=d) for d in DTYPES}
+    assert len({json.dumps(k, sort_keys=True) for k in keys.values()}) == len(DTYPES)
+    assert keys["bfloat16"]["dtype"] == "bfloat16"
+    assert latency_table_key(model, adapter, **settings) == keys["float32"]  # the default
+    # the model's own weights' dtype does not matter: it is timed as a cast copy
+    assert latency_table_key(tiny_model("bert", layers=2).double(), adapter, **settings) == \
+        keys["float32"]
+    bf16 = cached_latency_table(model, adapter, tmp_path, **settings, dtype="bfloat16")
+    assert bf16.dtype == "bfloat16"
+    saved = [json.loads(f.read_text()) for f in tmp_path.glob("latency-*.json")]
+    assert [(s["key"]["dtype"], s["table"]["dtype"]) for s in saved] == [("bfloat16",) * 2]
+    assert cached_latency_table(model, adapter, tmp_path, **settings).dtype == "float32"
+    assert len(list(tmp_path.glob("latency-*.json"))) == 2  # a miss, measured and stored apart
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "float64", "half", None])
+def test_a_bad_dtype_is_one_line_naming_the_choices(dtype):
+    model = tiny_model("bert", layers=2)
+    adapter = get_adapter(model)
+    calls = [lambda: measure_latency(model, 2, 8, 0.01, dtype),
+             lambda: build_latency_table(model, adapter, 2, 8, 2, 0.01, dtype),
+             lambda: latency_table_key(model, adapter, 2, 8, 2, 0.01, dtype)]
+    for call in calls:
+        with pytest.raises(PruneError) as err:
+            call()
+        message = str(err.value)
+        assert "\n" not in message and repr(dtype) in message
+        assert "float32, tf32, float16, bfloat16" in message
+
+
+def test_tf32_is_allowed_only_inside_the_block_on_cuda():
+    """The CUDA flags are plain switches, so this runs without a GPU: ``tf32`` allows TF32
+    matmuls and cuDNN ops, ``float32`` forbids them, both restore the caller's setting; on CPU
+    nothing is touched."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for start in (False, True):
+            for f in flags:
+                f.allow_tf32 = start
+            for dtype, inside in (("tf32", True), ("float32", False), ("bfloat16", start)):
+                with precision(dtype, torch.device("cuda")):
+                    assert [f.allow_tf32 for f in flags] == [inside] * 2, dtype
+                assert [f.allow_tf32 for f in flags] == [start] * 2, dtype
+            with precision("tf32", torch.device("cpu")):
+                assert [f.allow_tf32 for f in flags] == [start] * 2
+    finally:
+        for f, value in zip(flags, saved, strict=True):
+            f.allow_tf32 = value
+
+
 def test_a_noise_dominated_table_is_not_cached_and_says_why(tmp_path, monkeypatch, caplog):
     """Timings swamped by another job (the emptied model as slow as the whole one) must not
     become a cached table that makes every later budget look infeasible on this machine."""
     model = tiny_model("bert", layers=2, heads=4, hidden=32, ffn=64)
     adapter = get_adapter(model)
     monkeypatch.setattr("prune.latency.measure_latency",
-                        lambda m, b, s, t: Latency(0.5, 0.0, 1))  # every model alike
+                        lambda m, b, s, t, d: Latency(0.5, 0.0, 1))  # every model alike
     table = cached_latency_table(model, adapter, tmp_path, batch_size=2, seq_len=8, points=2)
     assert table.is_noise() and table.empty_share() == 1.0
     assert not list(tmp_path.glob("latency-*.json"))
@@ -138,7 +241,7 @@ def test_table_times_whole_models_and_recovers_a_known_latency(monkeypatch):
     adapter = get_adapter(model)
     timed = []
 
-    def fake_latency(m, batch_size, seq_len, min_run_time):
+    def fake_latency(m, batch_size, seq_len, min_run_time, dtype):
         heads, neurons = adapter.heads_per_layer(m), adapter.neurons_per_layer(m)
         timed.append((heads, neurons))
         both = sum(1 for h, n in zip(heads, neurons, strict=True) if h and n)
