@@ -248,8 +248,14 @@ def test_teacher_assistant_is_searched_at_sqrt_constraint_and_not_rearranged():
     cost = flops_cost(adapter, 10)
     opts = PruneOptions(tune_teacher="ta")
     ta = teacher_masks(fisher, cost, 0.36, opts)
-    at_sqrt = search_masks(fisher.head_importance, fisher.neuron_importance, cost, 0.6)
+    # searched like the student: at the pipeline's FFN granularity (aligned by default)
+    at_sqrt = search_masks(fisher.head_importance, fisher.neuron_importance, cost, 0.6,
+                           granularity=opts.granularity)
     assert torch.equal(ta.head, at_sqrt.head) and torch.equal(ta.neuron, at_sqrt.neuron)
+    unaligned = teacher_masks(fisher, cost, 0.36, PruneOptions(tune_teacher="ta", granularity=1))
+    expected = search_masks(fisher.head_importance, fisher.neuron_importance, cost, 0.6)
+    assert torch.equal(unaligned.head, expected.head)
+    assert torch.equal(unaligned.neuron, expected.neuron)
     assert teacher_masks(fisher, cost, 0.36, PruneOptions()) is None
     rearranged = teacher_masks(fisher, cost, 0.36, PruneOptions(
         tune_teacher="ta", tune_teacher_rearrange=True))
