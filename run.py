@@ -130,7 +130,8 @@ def latency_line(lat: dict) -> str:
     """Baseline and pruned median latency, their ratio, and a warning when the timing's
     spread is too large to trust the ratio."""
     text = (f"{1e3 * lat['baseline']['median']:.1f} -> {1e3 * lat['pruned']['median']:.1f}  "
-            f"(ratio {lat['ratio']:.3f}, batch {lat['batch_size']} x seq {lat['seq_len']})")
+            f"(ratio {lat['ratio']:.3f}, batch {lat['batch_size']} x seq {lat['seq_len']}, "
+            f"{lat.get('dtype', 'float32')})")
     if lat.get("noisy"):
         text += "  NOISY: the timings' spread is too large to trust this ratio (other work " \
                 "shared the machine?); re-time on a quiet machine (make bench)"

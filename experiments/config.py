@@ -29,6 +29,7 @@ from experiments.identity import (  # noqa: F401 - what a result depends on live
     used_settings,
 )
 from prune import PruneError, PruneOptions
+from prune.latency import DTYPES
 
 
 def _schema(name: str, source: type, extra: list[tuple], drop: tuple[str, ...] = ()) -> type:
@@ -75,6 +76,7 @@ class LatencyConf:
     min_run_time: float = 5.0  # seconds of timed forward passes per measurement
     table_points: int = 8  # grid points per curve of the latency lookup table
     table_min_run_time: float = 1.0  # seconds of timed whole-model passes per grid point
+    dtype: str = "float32"  # the deployment precision timed: float32 | tf32 | float16 | bfloat16
 
 
 @dataclass
@@ -91,6 +93,7 @@ class RunConf:
     device: str = "auto"
     progress: bool = True
     save_model: bool = True
+    save_dtype: typing.Optional[str] = None  # the pruned model's dtype on disk (null: the model's)
     force: bool = False
     sweep_name: str = "adhoc"
     prune: PruneConf = field(default_factory=PruneConf)
@@ -207,6 +210,9 @@ def validate(cfg) -> list[float]:
     lat = cfg.latency
     for name in ("batch_size", "seq_len", "min_run_time", "table_min_run_time"):
         _positive(f"latency.{name}", lat[name])
+    for name, value in (("latency.dtype", lat.dtype), ("save_dtype", cfg.save_dtype)):
+        if value is not None and value not in DTYPES:
+            raise RunError(f"{name}={value!r}: use one of {', '.join(DTYPES)}")
     if lat.table_points < 2:
         raise RunError(f"latency.table_points={lat.table_points}: use at least 2")
     if cfg.logger.kind not in ("none", "wandb"):

@@ -290,7 +290,7 @@ def load(plan: Plan) -> Loaded:
         with timed(loaded.timings, "latency_table"):
             table = cached_latency_table(model, adapter, Path(cfg.paths.cache_dir) / "latency",
                                          lat.batch_size, lat.seq_len, lat.table_points,
-                                         lat.table_min_run_time)
+                                         lat.table_min_run_time, dtype=lat.dtype)
         loaded.cost = latency_cost(table)
     return loaded
 
@@ -299,8 +299,8 @@ def measure_baseline(plan: Plan, loaded: Loaded) -> dict:
     lat = plan.cfg.latency
     with timed(loaded.timings, "eval_baseline"):
         metrics = evaluate_task(loaded.model, loaded.data, plan.spec, plan.cfg.progress)
-    latency = measure_latency(loaded.model, lat.batch_size, lat.seq_len, lat.min_run_time) \
-        if lat.enabled else None
+    latency = measure_latency(loaded.model, lat.batch_size, lat.seq_len, lat.min_run_time,
+                              dtype=lat.dtype) if lat.enabled else None
     return {"metrics": metrics, "latency": latency,
             "params": sum(p.numel() for p in loaded.model.parameters())}
 
@@ -389,7 +389,8 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
     latency = None
     lat = cfg.latency
     if lat.enabled:
-        after = measure_latency(model, lat.batch_size, lat.seq_len, lat.min_run_time)
+        after = measure_latency(model, lat.batch_size, lat.seq_len, lat.min_run_time,
+                                dtype=lat.dtype)
         latency = {**compare_latency(baseline["latency"], after), "batch_size": lat.batch_size,
                    "seq_len": lat.seq_len, "device": plan.device}
         if cfg.constraint_kind == "latency":
@@ -457,7 +458,7 @@ def _save_outputs(plan: Plan, path: Path, model, tokenizer, result, record: Reco
         write_atomic(path / "masks.pt", lambda tmp: torch.save(state, tmp))
         if plan.cfg.save_model:
             with atomic_dir(path / "pruned_model") as tmp:
-                prune.save_pruned(model, tmp, tokenizer)
+                prune.save_pruned(model, tmp, tokenizer, dtype=plan.cfg.save_dtype)
         record.complete = True
         record.write(path / "results.json")
     except WRITE_ERRORS as err:

@@ -105,13 +105,26 @@ def _task_auto(auto_map: dict) -> str:
     return next((a for a in auto_map if a != "AutoModel"), "AutoModelForSequenceClassification")
 
 
-def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+def save_pruned(model: nn.Module, path: str | Path, tokenizer=None,
+                dtype: str | torch.dtype | None = None) -> Path:
     """Save a physically pruned model (and its tokenizer) so that it reloads as a HF model, with
     the task's Auto class and with ``AutoModel`` (the bare encoder).
 
-    A float32 model whose ``config.dtype`` is float16 or bfloat16 (a half-precision checkpoint
-    loaded in float32 for pruning) is saved in that dtype; ``model`` itself is left as it is."""
+    ``dtype`` (``float32``, ``tf32`` = float32 weights, ``float16``, ``bfloat16``): the weights'
+    dtype on disk, the deployment dtype. Without it, a float32 model whose ``config.dtype`` is
+    float16 or bfloat16 (a half-precision checkpoint loaded in float32 for pruning) is saved in
+    that dtype. ``model`` itself is left as it is."""
     path = Path(path)
+    if dtype is not None:
+        if isinstance(dtype, str):
+            names = {"float32": torch.float32, "tf32": torch.float32,
+                     "float16": torch.float16, "bfloat16": torch.bfloat16}
+            if dtype not in names:
+                raise PruneError(f"dtype={dtype!r}: use one of {', '.join(names)}")
+            dtype = names[dtype]
+        if next(model.parameters()).dtype != dtype:
+            model = copy.deepcopy(model).to(dtype)
+        model.config.dtype = dtype
     if not hasattr(model.config, "fastprune_heads"):
         raise PruneError("save_pruned expects a model returned by prune_model")
     family, auto = model.config.model_type, _auto_class(model)
@@ -119,7 +132,7 @@ def save_pruned(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     model.config.auto_map = {auto: f"{REMOTE_FILE.stem}.{cls.__name__}",
                              "AutoModel": f"{REMOTE_FILE.stem}.{encoder.__name__}"}
     saved = getattr(model.config, "dtype", None)
-    if saved in HALF_DTYPES and next(model.parameters()).dtype == torch.float32:
+    if dtype is None and saved in HALF_DTYPES and next(model.parameters()).dtype == torch.float32:
         log.info("saving the pruned model in %s, the checkpoint's dtype",
                  str(saved).removeprefix("torch."))
         model = copy.deepcopy(model).to(saved)

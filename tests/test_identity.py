@@ -81,3 +81,32 @@ def test_fisher_precision_auto_is_float32_everywhere():
     assert autocast_dtype("cpu", "auto") is None
     assert autocast_dtype("cuda", "auto") is None  # bf16 was 12-17x slower on real batches
     assert autocast_dtype("cpu", "bf16") is not None
+
+
+def test_latency_in_the_deployment_dtype_and_the_model_saved_in_it(tiny_checkpoints, tmp_path):
+    """``latency.dtype`` times the models in that precision and the record says so;
+    ``save_dtype`` saves the pruned model in it, and it reloads in it."""
+    import torch
+    from test_run import FAST, run
+
+    from prune import load_pruned
+
+    record = run([f"model.path={tiny_checkpoints['cls2']}", "constraint=0.5",
+                  "latency.dtype=bfloat16", "save_dtype=bfloat16", *FAST], tmp_path)
+    assert record["latency"]["dtype"] == "bfloat16"
+    assert record["latency"]["baseline"]["dtype"] == "bfloat16"
+    assert record["identity"]["settings"]["latency"]["dtype"] == "bfloat16"
+    model = load_pruned(tmp_path / "pruned_model")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.config.fastprune_heads == record["masks"]["heads_per_layer"]
+
+
+@pytest.mark.parametrize("option", ["latency.dtype=fp16", "save_dtype=half"])
+def test_a_bad_dtype_stops_with_one_line(tiny_checkpoints, tmp_path, option):
+    from test_run import FAST, run
+
+    from experiments.errors import RunError
+
+    with pytest.raises(RunError, match="use one of float32, tf32, float16, bfloat16") as err:
+        run([f"model.path={tiny_checkpoints['cls2']}", option, *FAST], tmp_path)
+    assert "\n" not in str(err.value)
