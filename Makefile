@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
 .PHONY: help install demo demo-base mpnet-weights test test-slow lint clean tables sweep-cpu \
-	sweep-base bench
+	sweep-base bench bench-gpu
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -56,7 +56,7 @@ tables: install  ## add outputs/ records to analysis/results/records.jsonl; tabl
 	$(BIN)/python -m analysis.make_tables --results outputs --out analysis/out
 
 CPU_SWEEPS := departures_cpu weights_damp_cpu main_cpu ablation_cpu latency_cpu unlabeled_cpu \
-	adaptive_cpu
+	adaptive_cpu frontier_cpu
 BASE_SWEEPS := base_mpnet ablation_mpnet adaptive_mpnet
 
 sweep-cpu: install  ## the demo's sweeps behind the README's tables (3 seeds; about 3 hours)
@@ -67,3 +67,6 @@ sweep-base: install mpnet-weights  ## the base-size (MPNet) sweeps behind the RE
 
 bench: install  ## pruning time vs its floor, memory, pruned-model speed (outputs/bench/)
 	$(BIN)/python -m experiments.bench
+
+bench-gpu:  ## the GPU bench (needs only torch, transformers, numpy): outputs/gpu-bench/
+	python -m experiments.gpu_bench --out outputs/gpu-bench
