@@ -110,3 +110,13 @@ def test_a_bad_dtype_stops_with_one_line(tiny_checkpoints, tmp_path, option):
     with pytest.raises(RunError, match="use one of float32, tf32, float16, bfloat16") as err:
         run([f"model.path={tiny_checkpoints['cls2']}", option, *FAST], tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_the_record_names_the_checkpoint_the_user_gave(tiny_checkpoints, tmp_path):
+    """``model.path`` overrides the model config's weights, so the record (and the tables) name
+    that checkpoint, not the config's model (before: every user checkpoint read "minilm")."""
+    from test_run import FAST, run
+
+    record = run([f"model.path={tiny_checkpoints['cls2']}", "constraint=0.5", *FAST], tmp_path)
+    assert record["model"] == "cls2"
+    assert record["checkpoint"].endswith("cls2")
