@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,20 @@ def prune_options(prune_cfg) -> PruneOptions:
         raise RunError(f"prune.{err}") from None
 
 
+def _closest(name: str, options: list[str]) -> str:
+    """`` (did you mean X?)`` for the option whose last part shares the longest beginning
+    with ``name`` (then the most similar), or ``""`` when none is close."""
+    def score(option: str) -> tuple:
+        leaf = option.rsplit(".", 1)[-1]
+        shared = len(os.path.commonprefix([leaf, name]))
+        return shared, difflib.SequenceMatcher(None, leaf, name).ratio()
+
+    best = max(options, key=score, default=None)
+    if best is None or score(best)[1] < 0.6:
+        return ""
+    return f" (did you mean {best}?)"
+
+
 def check_known_keys(cfg) -> None:
     """Keys the schema does not know (Hydra's ``+key=value`` appends them; Hydra itself
     suggests ``+`` for a mistyped key) stop here instead of being silently ignored."""
@@ -154,11 +169,8 @@ def check_known_keys(cfg) -> None:
         unknown = sorted(set(node.keys()) - known - ({"variant", "stages"} if not prefix
                                                      else set()))
         if unknown:
-            everywhere = [f"{p}{f.name}" for p, sch in nodes.items()
-                          for f in dataclasses.fields(sch)]
-            close = difflib.get_close_matches(f"{prefix}{unknown[0]}", everywhere, n=1) or \
-                difflib.get_close_matches(unknown[0], everywhere, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = _closest(unknown[0], [f"{p}{f.name}" for p, sch in nodes.items()
+                                         for f in dataclasses.fields(sch)])
             raise RunError(f"unknown option {prefix}{unknown[0]}{hint}: remove it; "
                            f"`python run.py --cfg job` lists every option")
 

@@ -344,12 +344,12 @@ def test_failed_cache_write_only_warns(tiny_checkpoints, tmp_path, monkeypatch, 
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def save_fails_half_way(model, path, tokenizer=None):  # the disk fills up half-way
+def save_fails_half_way(model, path, tokenizer=None, **kwargs):  # the disk fills up half-way
     (Path(path) / "config.json").write_text("{}")
     raise OSError(28, "No space left on device")
 
 
-def safetensors_fails(model, path, tokenizer=None):
+def safetensors_fails(model, path, tokenizer=None, **kwargs):
     from safetensors import SafetensorError
 
     (Path(path) / "config.json").write_text("{}")

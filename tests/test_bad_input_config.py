@@ -1,0 +1,61 @@
+"""Bad input, round two: options the schema does not know or cannot take, and the results
+record on a full disk. Each stops with one line naming the fix before any weights load, or, for
+the record, with one line that carries the run's numbers."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_bad_input import LEAN, Env, lean_run, no_weights  # noqa: F401 - a fixture
+from test_run import run
+
+from experiments.errors import RunError
+
+CASES = [
+    ("appended-unknown-key", ["+prune.constraint_type=latency"],
+     r"unknown option prune.constraint_type \(did you mean constraint_kind\?\): remove it"),
+    ("appended-unknown-top-level-key", ["+constraint_knd=latency"],
+     r"unknown option constraint_knd \(did you mean constraint_kind\?\)"),
+    ("negative-seed", ["seed=-1"], r"seed=-1: use a whole number from 0 to 2\*\*32 - 1"),
+    ("float-sample-count", ["prune.num_samples=1e3"],
+     r"prune.num_samples=1000.0: write it as a whole number \(prune.num_samples=1000\)"),
+    ("bad-granularity", ["prune.granularity=0"], r"granularity=0: use a positive integer"),
+]
+
+
+@pytest.mark.parametrize("case,extra,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_option_stops_before_weights_load(tiny_checkpoints, tmp_path, no_weights, case,
+                                              extra, message):
+    env = Env(tiny_checkpoints, tmp_path)
+    with pytest.raises(RunError) as err:
+        run([env.model(), env.data(), *LEAN, *extra], env.out)
+    text = str(err.value)
+    assert "\n" not in text and re.search(message, text), text
+
+
+def test_full_disk_for_the_record_is_one_line_with_the_numbers(tiny_checkpoints, tmp_path,
+                                                               monkeypatch):
+    from experiments.records import Record
+
+    def full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Record, "write", full)
+    env = Env(tiny_checkpoints, tmp_path)
+    with pytest.raises(RunError) as err:
+        lean_run(env)
+    text = str(err.value)
+    assert "\n" not in text
+    assert re.search(r"could not write .*results.json \(No space left on device\); cls2/sst2 at "
+                     r"0.6: accuracy \d+\.\d\d -> \d+\.\d\d, FLOPs 0\.\d+", text), text
+
+
+def test_a_noisy_latency_says_so_in_the_summary():
+    from run import latency_line
+
+    lat = {"baseline": {"median": 1.7772}, "pruned": {"median": 2.2981}, "ratio": 1.293,
+           "batch_size": 32, "seq_len": 128, "dtype": "float32"}
+    assert "NOISY" not in latency_line({**lat, "noisy": False})
+    line = latency_line({**lat, "noisy": True})
+    assert "\n" not in line and "NOISY" in line and "1777.2 -> 2298.1" in line
