@@ -62,11 +62,14 @@ def log_record(logger_cfg, record: dict, config: dict) -> None:
 
         # settings as a dict: with a wandb.Settings object (wandb 0.31) the offline run's file
         # stayed empty (tests/test_latency.py::test_wandb_logs_offline_and_writes_its_files)
-        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT))
+        # the short timeout is for the network: offline, a busy machine may need W&B's own (a
+        # 10 s start failed the offline test once under load)
+        online = {"init_timeout": float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT))} \
+            if mode != "offline" else {}
         run = wandb.init(project=logger_cfg.project, entity=logger_cfg.entity, mode=mode,
                          dir=str(logger_cfg.dir), name=f"{record['model']}-{record['task']}-"
                          f"c{record['constraint']}", tags=list(logger_cfg.tags), config=config,
-                         reinit="create_new", settings={"init_timeout": timeout})
+                         reinit="create_new", settings=online)
         try:
             flat = _summary(record)
             run.log(flat)
