@@ -94,11 +94,12 @@ def moved(v1: pd.DataFrame, v2: pd.DataFrame) -> pd.DataFrame:
     if v2.empty:
         return pd.DataFrame()
     rows = []
-    for key, new in v2[v2["detail"] == ""].groupby(keys):
+    for key, part in v2.groupby(keys):
         labels = dict(zip(keys, key, strict=True))
-        old = _one(v1[v1["detail"] == ""], **labels)
+        old = _one(v1, **labels)  # the setting with most seeds of each (latency timed or not)
         if old is None:
             continue
+        new = max((g for _, g in part.groupby("setting")), key=len)
         a, b = Stat.of_values(old["pruned"]), Stat.of_values(new["pruned"])
         base_a, base_b = Stat.of_values(old["baseline"]), Stat.of_values(new["baseline"])
         rows.append({**labels, "baseline v1": f"{base_a.mean:.2f}",
