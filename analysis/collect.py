@@ -26,11 +26,12 @@ from experiments.records import Record
 
 log = logging.getLogger(__name__)
 
-LABELS = ["model", "task", "metric", "kind", "constraint", "stage", "variant", "detail",
+LABELS = ["model", "task", "metric", "metric2", "kind", "constraint", "stage", "variant", "detail",
           "setting", "code"]
-VALUES = ["baseline", "pruned", "drop", "flops_ratio", "latency_ratio", "speedup", "heads_kept",
-          "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune", "t_physical",
-          "t_pruning", "fisher_seconds", "fisher_samples", "adaptive_samples", "num_samples"]
+VALUES = ["baseline", "pruned", "baseline2", "pruned2", "drop", "flops_ratio", "latency_ratio",
+          "speedup", "heads_kept", "neurons_kept", "t_fisher", "t_search", "t_rearrange", "t_tune",
+          "t_physical", "t_pruning", "fisher_seconds", "fisher_samples", "adaptive_samples",
+          "num_samples"]
 EXTRA = ["importance", "num_samples_setting", "tune_samples", "fisher_key", "fisher_cache_hit",
          "sweeps",
          "repeats", "complete", "path"]
@@ -65,12 +66,17 @@ def row_of(data: dict, path: Path) -> dict:
     key, t = r.metric, r.timings
     latency, cache, masks = r.latency or {}, r.fisher_cache or {}, r.masks or {}
     seed = data.get("seed", settings.get("seed", 0))
+    second = next((k for k, v in r.pruned.items() if k != key and "/" not in k
+                   and isinstance(v, (int, float)) and k in r.baseline), None)
     return {
         "model": r.model, "task": r.task, "metric": key, "kind": r.constraint_kind,
         "constraint": r.constraint, "stage": stage_of(settings),
         "variant": variant_of(settings), "detail": "", "setting": short_hash(setting),
         "code": (code_of(identity) or "unknown")[:7], "seed": seed,
         "baseline": 100 * r.baseline[key], "pruned": 100 * r.pruned[key],
+        "metric2": second or "",  # the task's second metric (MRPC F1, STS-B Pearson)
+        "baseline2": 100 * r.baseline[second] if second else None,
+        "pruned2": 100 * r.pruned[second] if second else None,
         "drop": r.drop, "flops_ratio": r.flops["ratio"], "latency_ratio": latency.get("ratio"),
         "speedup": 1 / latency["ratio"] if latency.get("ratio") else None,
         "heads_kept": masks.get("heads_kept"), "neurons_kept": masks.get("neurons_kept"),

@@ -536,3 +536,19 @@ def test_frontier_table(tmp_path):
     assert rte["lowest FLOPs within"] == "0.2" and rte["speedup"] == "2.86x"
     assert weights["geomean speedup"] == "3.09x"  # sqrt(3.33 * 2.86)
     assert mask["geomean speedup"] == "2.50x"  # the only task with +mask runs
+
+
+def test_second_metric_table(tmp_path):
+    """MRPC reports accuracy (the main metric) and F1: F1 gets its own table."""
+    from analysis.collect import collect
+    from analysis.tables import main_table, second_table
+
+    runs = []
+    for s, (acc, f1) in enumerate(((0.80, 0.86), (0.81, 0.87), (0.82, 0.88))):
+        r = record(task="mrpc", seed=s, pruned=acc)
+        r["pruned"]["f1"], r["baseline"]["f1"] = f1, 0.90
+        runs.append(r)
+    table = collect(write(tmp_path, runs_of(mrpc=runs)))
+    assert main_table(table).loc[("minilm", "mrpc", "accuracy"), "ours @0.6"] == "81.00 ± 1.00"
+    second = second_table(table).loc[("minilm", "mrpc", "f1")]
+    assert (second["baseline"], second["ours @0.6"]) == ("90.00", "87.00 ± 1.00")
