@@ -38,6 +38,7 @@ from analysis.tables import (
     ablation_steps,
     ablation_table,
     demo_table,
+    goals_table,
     main_table,
     paper_results,
     second_table,
@@ -45,8 +46,8 @@ from analysis.tables import (
     write_tables,
 )
 
-TABLES = ["demo", "main", "second", "ablation", "departures", "latency", "unlabeled", "adaptive",
-          "samples", "tune_samples", "frontier"]
+TABLES = ["demo", "main", "second", "goals", "ablation", "departures", "latency", "unlabeled",
+          "adaptive", "samples", "tune_samples", "frontier"]
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2 -->)", re.S)
@@ -58,6 +59,7 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
         "demo": [("demo", demo_table(runs))],
         "main": [("main", main_table(runs, paper_results()))],
         "second": [("second metric", second_table(runs))],
+        "goals": [("goals", goals_table(runs))],
         "ablation": [("ablation: pruned metric by stage", ablation_table(runs)),
                      ("ablation: each stage against the one it builds on",
                       ablation_steps(runs))],

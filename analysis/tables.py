@@ -281,3 +281,29 @@ def demo_table(runs: pd.DataFrame, model: str = "minilm", task: str = "sst2",
              "heads / neurons kept": f"{int(r['heads_kept'])} / {int(r['neurons_kept'])}"}
             for _, r in sel.iterrows()]
     return pd.DataFrame(rows).set_index(["model", "task", "constraint", "seed", "code"])
+
+
+GOALS = {0.6: 1.0, 0.5: 2.0}  # FLOPs kept -> the largest drop the goal allows (points)
+
+
+def goals_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The paper's pipeline against the goals (drop <= 1 point at FLOPs 0.6, <= 2 at 0.5),
+    per model and task: the mean drop over seeds and whether the goal is met."""
+    sel = select(runs, stages=[DEFAULT_STAGE], variants=["default"])
+    if sel.empty:
+        return pd.DataFrame()
+    rows = []
+    for (model, task), part in sel.groupby(["model", "task"]):
+        row = {"model": model, "task": task, "metric": part["metric"].iloc[0]}
+        for c, allowed in GOALS.items():
+            at = part[part["constraint"] == c]
+            if at.empty:
+                row[f"drop @{c:g}"], row[f"<= {allowed:g} @{c:g}"] = "--", "--"
+                continue
+            best = at.loc[at["drop_n"].idxmax()]  # the setting with most seeds
+            drop = Stat.of(best, "drop")
+            row[f"drop @{c:g}"] = drop.fmt()
+            row[f"<= {allowed:g} @{c:g}"] = "met" if drop.mean <= allowed else \
+                f"missed by {drop.mean - allowed:.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["model", "task", "metric"]).sort_index()

@@ -552,3 +552,14 @@ def test_second_metric_table(tmp_path):
     assert main_table(table).loc[("minilm", "mrpc", "accuracy"), "ours @0.6"] == "81.00 ± 1.00"
     second = second_table(table).loc[("minilm", "mrpc", "f1")]
     assert (second["baseline"], second["ours @0.6"]) == ("90.00", "87.00 ± 1.00")
+
+
+def test_goals_table(results):
+    """Drop <= 1 point at FLOPs 0.6 and <= 2 at 0.5: met, or missed by how much."""
+    from analysis.collect import collect
+    from analysis.tables import goals_table
+
+    runs = collect(write(results, runs_of(d5=three(0.86, constraint=0.5))))
+    row = goals_table(runs).loc[("minilm", "sst2", "accuracy")]
+    assert (row["drop @0.6"], row["<= 1 @0.6"]) == ("4.00 ± 1.00", "missed by 3.00")
+    assert (row["drop @0.5"], row["<= 2 @0.5"]) == ("4.00 ± 1.00", "missed by 2.00")
