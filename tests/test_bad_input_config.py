@@ -24,9 +24,9 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("no_weights")
 @pytest.mark.parametrize("case,extra,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_option_stops_before_weights_load(tiny_checkpoints, tmp_path, no_weights, case,
-                                              extra, message):
+def test_bad_option_stops_before_weights_load(tiny_checkpoints, tmp_path, case, extra, message):
     env = Env(tiny_checkpoints, tmp_path)
     with pytest.raises(RunError) as err:
         run([env.model(), env.data(), *LEAN, *extra], env.out)
