@@ -217,7 +217,11 @@ def no_weights(monkeypatch):
 def test_bad_input_stops_before_weights_load(tiny_checkpoints, tmp_path, no_weights, case, make,
                                              message):
     env = Env(tiny_checkpoints, tmp_path)
-    overrides = [env.model(), *LEAN, *make(env)]
+    stops_with_one_line(env, [env.model(), *LEAN, *make(env)], message)
+
+
+def stops_with_one_line(env: Env, overrides: list[str], message: str) -> None:
+    """The run stops with one line matching ``message`` and writes no record."""
     with pytest.raises((RunError, PruneError)) as err:
         run(overrides, env.out)
     text = str(err.value)

@@ -10,13 +10,19 @@ import datasets
 import numpy as np
 import pytest
 from conftest import SHARED
-from test_bad_input import LEAN, SST2_DEV, Env, no_weights, warnings_of  # noqa: F401
+from test_bad_input import (  # noqa: F401
+    LEAN,
+    SST2_DEV,
+    Env,
+    no_weights,
+    stops_with_one_line,
+    warnings_of,
+)
 from test_run import cli, run
 
 from experiments.data import TaskSpec, load_examples
 from experiments.errors import RunError
 from experiments.hub import OFFLINE_VARS
-from prune import PruneError
 
 
 def split_rows(lines: list[str]) -> str:
@@ -78,13 +84,7 @@ EARLY = [
 def test_bad_data_stops_before_weights_load(tiny_checkpoints, tmp_path, case, make, message):
     env = Env(tiny_checkpoints, tmp_path)
     (tmp_path / "dirs" / "train.tsv").mkdir(parents=True)
-    overrides = [env.model(), *LEAN, *make(env)]
-    with pytest.raises((RunError, PruneError)) as err:
-        run(overrides, env.out)
-    text = str(err.value)
-    assert "\n" not in text and text == text.strip()
-    assert re.search(message, text), text
-    assert not (env.out / "results.json").exists()
+    stops_with_one_line(env, [env.model(), *LEAN, *make(env)], message)
 
 
 def test_split_file_stops_the_cli_with_one_line(tmp_path):
