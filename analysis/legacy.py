@@ -14,11 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.stats import Stat, paired
+from analysis.tables import STEPS  # each stage against the one it builds on
 
 V1 = Path(__file__).with_name("results") / "v1" / "results.csv"
 LABELS = ["model", "task", "kind", "stage", "variant", "detail", "constraint"]
-STEPS = {"+rearrange": "search", "+mask": "+rearrange", "+mask (TA)": "+mask",
-         "+bias": "+mask", "+weights": "+mask"}  # each stage against the paper's pipeline
 
 
 def runs(path: str | Path = V1) -> pd.DataFrame:
