@@ -125,7 +125,7 @@ def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
     import torch
 
     from experiments.evaluation import predict
-    from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
+    from prune import PruneOptions, TuneOptions, flops_cost, get_adapter, prune_masks, prune_model
     from prune.fisher import compute_fisher
     from prune.latency import compare_latency, measure_latency
     from prune.pipeline import timed
@@ -143,7 +143,7 @@ def bench_model(name: str, samples: int, seq_len: int, constraints: list[float],
         fisher = compute_fisher(model, adapter, batches, progress=False)
     modes = {}
     for mode in MODES:
-        opts = PruneOptions(tune=mode)
+        opts = PruneOptions(tune=TuneOptions(mode=mode))
         result = prune_masks(model, adapter, batches, cost, 0.5, opts, fisher=fisher,
                              progress=False)
         timings = {**result.timings, "fisher": t["fisher"]}

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import socket
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from experiments.records import WRITE_ERRORS, write_atomic, write_failure
 from prune.arch import Adapter
 from prune.fisher import Fisher
 from prune.latency import LatencyTable, build_latency_table, check_dtype
-from prune.runtime import model_device
+from prune.runtime import device_name, model_device
 
 log = logging.getLogger(__name__)
 
@@ -209,24 +208,13 @@ def _is_new(lock: Path, seconds: float = 10.0) -> bool:
         return False
 
 
-def cpu_name() -> str:
-    """The CPU model as the OS names it (``platform.processor()`` is empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def latency_table_key(model: nn.Module, adapter: Adapter, batch_size: int, seq_len: int,
                       points: int, min_run_time: float, dtype: str = "float32") -> dict:
     """Everything a measured latency table depends on. ``dtype`` is the precision it is timed
     in (``prune.latency.DTYPES``; the model is timed as a cast copy, so its own weights' dtype
     does not change the answer)."""
     device = model_device(model)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = device_name(device)
     return {"device": f"{device.type}:{name}", "threads": torch.get_num_threads(),
             "dtype": check_dtype(dtype),
             "attention": getattr(model.config, "_attn_implementation", None),

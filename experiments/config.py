@@ -1,7 +1,8 @@
 """The run's configuration schema (a Hydra structured config) and its validation at the door.
 
-The ``prune`` node is built from the library's ``PruneOptions``: the same names, types and
-defaults (the one source of defaults), plus the harness's own sampling and caching options. A
+The ``prune`` node is built from the library's ``PruneOptions`` and its ``TuneOptions`` (flat
+``prune.tune_*`` keys): the same types and defaults (the one source of defaults), plus the
+harness's own sampling and caching options. A
 typo or a wrong type in any schema'd node fails when Hydra composes the config, with Hydra's
 message. ``validate`` then checks values (ranges, choices, combinations) before any data or
 weights are loaded, each failure one line that names the fix.
@@ -29,32 +30,54 @@ from experiments.identity import (  # noqa: F401 - what a result depends on live
     used_identity,
     used_settings,
 )
-from prune import PruneError, PruneOptions
+from prune import PruneError, PruneOptions, TuneOptions
 from prune.latency import DTYPES
+from prune.tune import TUNE_MODES
 
 
-def _schema(name: str, source: type, extra: list[tuple], drop: tuple[str, ...] = ()) -> type:
-    """A dataclass with ``source``'s fields (resolved types, same defaults) and ``extra``."""
+def _fields(source: type, drop: tuple[str, ...] = (), rename: dict[str, str] | None = None,
+            expand: dict[str, list[tuple]] | None = None) -> list[tuple]:
+    """``source``'s fields (resolved types, same defaults) for ``make_dataclass``, named by
+    ``rename``; a field in ``expand`` is replaced, in place, by the fields given for it."""
     hints = typing.get_type_hints(source)
+    rename, expand = rename or {}, expand or {}
     own = []
     for f in dataclasses.fields(source):
+        if f.name in expand:
+            own.extend(expand[f.name])
+            continue
         if f.name in drop:
             continue
+        name = rename.get(f.name, f.name)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else f.default
         if f.default_factory is not dataclasses.MISSING:  # dicts: the yaml gives them
-            own.append((f.name, Any, field(default=None)))
+            own.append((name, Any, field(default=None)))
             continue
         kind = hints[f.name]
         if typing.get_origin(kind) is tuple or kind is dict:
             kind = Any
         elif required:
             kind = typing.Optional[kind]
-        own.append((f.name, kind, field(default=default)))
-    return dataclasses.make_dataclass(name, own + extra)
+        own.append((name, kind, field(default=default)))
+    return own
 
 
-PruneConf = _schema("PruneConf", PruneOptions, [
+def _schema(name: str, source: type, extra: list[tuple], drop: tuple[str, ...] = ()) -> type:
+    """A dataclass with ``source``'s fields (resolved types, same defaults) and ``extra``."""
+    return dataclasses.make_dataclass(name, _fields(source, drop) + extra)
+
+
+# The tuning solve's options (``PruneOptions.tune``, a ``TuneOptions``) as flat ``prune.*`` keys,
+# the names records have always carried: ``tune`` is the mode (``off``: no tuning),
+# ``cls_only_last`` keeps its name, any other option ``x`` is ``tune_x``.
+TUNE_KEYS = {("tune" if f.name == "mode" else f.name if f.name == "cls_only_last"
+              else f"tune_{f.name}"): f.name
+             for f in dataclasses.fields(TuneOptions) if f.name != "activation_cache_bytes"}
+
+PruneConf = dataclasses.make_dataclass("PruneConf", _fields(PruneOptions, expand={
+    "tune": _fields(TuneOptions, drop=("activation_cache_bytes",),
+                    rename={v: k for k, v in TUNE_KEYS.items()})}) + [
     # the harness: which samples, how many, in what batches, the cost model's length, caches
     ("num_samples", Any, field(default=2048)),  # an int, or "auto" (stop once masks settle)
     ("sampling", str, field(default="without")),  # without | with | official
@@ -64,7 +87,7 @@ PruneConf = _schema("PruneConf", PruneOptions, [
     ("adaptive_chunk", int, field(default=256)),  # num_samples=auto: samples per check
     ("adaptive_tolerance", float, field(default=0.01)),  # ... stop when masks change less
     ("fisher_cache_dir", typing.Optional[str], field(default=None)),
-], drop=("constraint",))
+])
 
 TaskConf = _schema("TaskConf", TaskSpec, [])
 
@@ -134,12 +157,23 @@ def constraints_of(value) -> list[float]:
 
 
 def prune_options(prune_cfg) -> PruneOptions:
-    """The library options of a run; bad values stop here with one line."""
-    values = {k: prune_cfg[k] for k in PruneOptions.defaults()}
+    """The library options of a run (the flat ``prune.tune*`` keys become its ``TuneOptions``);
+    bad values stop here with one line that names the config key."""
+    mode = prune_cfg["tune"]
+    if mode != "off" and mode not in TUNE_MODES:
+        raise RunError(f"prune.tune={mode!r}: use one of off, {', '.join(TUNE_MODES)}")
     try:
-        return PruneOptions(**values)
+        tune = TuneOptions(**{name: prune_cfg[key] for key, name in TUNE_KEYS.items()
+                              if name != "mode"}, mode="mask" if mode == "off" else mode)
+        values = {k: prune_cfg[k] for k in PruneOptions.defaults() if k != "tune"}
+        return PruneOptions(tune=None if mode == "off" else tune, **values)
     except PruneError as err:
-        raise RunError(f"prune.{err}") from None
+        message = str(err)
+        if message.startswith("tune "):  # a TuneOptions field: say its config key
+            name = message[len("tune "):].split("=", 1)[0]
+            key = {v: k for k, v in TUNE_KEYS.items()}.get(name, name)
+            message = key + message[len("tune ") + len(name):]
+        raise RunError(f"prune.{message}") from None
 
 
 def _closest(name: str, options: list[str]) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from experiments.data import TaskSpec, load_examples, make_batches, sample_indices, tokenize
 from experiments.evaluation import evaluate
-from experiments.identity import without_added_defaults
+from experiments.identity import FINETUNE_FILES, code_digest, without_added_defaults
 from experiments.records import atomic_dir
 
 WINDOW = 50  # batches per length-sorting window in group_by_length
@@ -52,9 +52,6 @@ class FinetuneConfig:
         return without_added_defaults(asdict(self))
 
 
-# Bump when the training procedure changes what a given configuration produces.
-FINETUNE_VERSION = 2  # 2: transformers' linear warmup schedule
-
 
 def length_grouped(lengths: np.ndarray, indices, batch_size: int,
                    rng: np.random.Generator, window: int = WINDOW) -> np.ndarray:
@@ -77,14 +74,15 @@ def length_grouped(lengths: np.ndarray, indices, batch_size: int,
 
 def finetune_key(base: str, spec: TaskSpec, cfg: FinetuneConfig) -> dict:
     """Everything the fine-tuned weights depend on: the pretrained weights (content), the
-    training data (content), the task's columns and labels, the settings and this code."""
+    training data (content), the task's columns and labels, the settings and the code (a digest
+    of the source of ``FINETUNE_FILES``: an edit re-trains, no version to bump by hand)."""
     from experiments.caches import data_fingerprint, weights_fingerprint
 
     return {"base": weights_fingerprint(base), "train": data_fingerprint(spec, "train"),
             "task": {k: getattr(spec, k) for k in ("name", "kind", "num_labels",
                                                    "text_columns", "label_column",
                                                    "label_values")},
-            "config": cfg.key(), "version": FINETUNE_VERSION}
+            "config": cfg.key(), "code": code_digest(FINETUNE_FILES)}
 
 
 def cached_finetune(base: str, spec: TaskSpec, out_dir: str | Path, cfg: FinetuneConfig,

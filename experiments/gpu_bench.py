@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import transformers
 
-from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
+from prune import PruneOptions, TuneOptions, flops_cost, get_adapter, prune_masks, prune_model
 from prune.errors import PruneError
 from prune.fisher import compute_fisher
 from prune.latency import (
@@ -57,7 +57,7 @@ from prune.latency import (
     latency_cost,
     measure_latency,
 )
-from prune.runtime import eval_mode, to_device, without_labels
+from prune.runtime import device_name, eval_mode, to_device, without_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEV = ROOT.parent / "shared" / "data" / "glue" / "SST-2" / "dev.tsv"
@@ -121,21 +121,11 @@ def stage(timings: dict, key: str, device: torch.device) -> Iterator[None]:
 
 
 def machine(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = device_name(device)
     return {"device": device.type, "name": name, "torch": torch.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bert_model(s: Settings, device: torch.device):
@@ -185,8 +175,9 @@ def pruning_section(model, adapter, batches, s: Settings, device, clock: Clock) 
     for mode in ("mask", "weights"):
         wall: dict[str, float] = {}
         with stage(wall, "prune_masks", device):
-            result = prune_masks(model, adapter, batches, cost, 0.5, PruneOptions(tune=mode),
-                                 fisher=fisher, progress=False)
+            opts = PruneOptions(tune=TuneOptions(mode=mode))
+            result = prune_masks(model, adapter, batches, cost, 0.5, opts, fisher=fisher,
+                                 progress=False)
         timings = {k: v for k, v in result.timings.items() if k != "fisher"}
         timings["fisher"] = t["fisher"]
         small = copy.deepcopy(model)

@@ -46,6 +46,9 @@ CODE_FILES = ("prune/*.py", "experiments/data.py", "experiments/tasks.py",
 FISHER_FILES = ("prune/fisher.py", "prune/masks.py", "prune/arch.py", "prune/runtime.py",
                 "prune/pipeline.py", "prune/search.py", "prune/rearrange.py", "prune/cost.py",
                 "experiments/data.py", "experiments/tasks.py", "experiments/checkpoints.py")
+# What a fine-tuned checkpoint depends on besides its inputs (the fine-tune cache's key): the
+# training loop, the data it reads and batches, the task specs. Evaluation only reports.
+FINETUNE_FILES = ("experiments/finetune.py", "experiments/data.py", "experiments/tasks.py")
 RECORD_SCHEMA = 3  # the layout of results.json (experiments.records.Record)
 
 

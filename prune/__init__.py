@@ -15,10 +15,10 @@ Reproduces Kwon et al., "A Fast Post-Training Pruning Framework for Transformers
 
 It needs only torch, transformers and numpy::
 
-    from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
+    from prune import PruneOptions, TuneOptions, flops_cost, get_adapter, prune_masks, prune_model
     adapter = get_adapter(model)
-    result = prune_masks(model, adapter, sample_batches, flops_cost(adapter, seq_len=128),
-                         PruneOptions(constraint=0.6))
+    result = prune_masks(model, adapter, sample_batches, flops_cost(adapter, seq_len=128), 0.6,
+                         PruneOptions(tune=TuneOptions(mode="weights")))
     small = prune_model(model, result.masks, adapter, result.weights)
 """
 

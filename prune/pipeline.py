@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from torch import nn
 
@@ -33,73 +33,74 @@ from prune.arch import Adapter
 from prune.cost import CostModel
 from prune.errors import PruneError
 from prune.fisher import AMP_MODES, IMPORTANCE, Fisher, compute_fisher, fisher_chunks
-from prune.masks import Masks
+from prune.masks import Masks, apply_masks
 from prune.rearrange import rearrange_masks
+from prune.runtime import model_device
 from prune.search import check_constraint, check_granularity, search_masks
-from prune.tune import TunedWeights, TuneOptions, TuneStats, tune_masks
+from prune.tune import (
+    TUNE_MODES,
+    TunedWeights,
+    TuneOptions,
+    TuneStats,
+    applied_weights,
+    tune_masks,
+)
 
 log = logging.getLogger(__name__)
 
-TUNE = ("off", "mask", "bias", "weights")
 TEACHERS = ("full", "ta")
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """Every choice of the pipeline, with its default (run.py's config mirrors these). The
-    constraint is not an option: it is an argument of ``prune_masks``."""
+    """Every choice of the pipeline, with its default (run.py's config mirrors these, the
+    tuning solve's as flat ``prune.tune_*`` keys). The constraint is not an option: it is an
+    argument of ``prune_masks``. ``tune`` holds the tuning solve's own options (``TuneOptions``:
+    mode, damping, solver, ...), or ``None`` to keep the searched (rearranged) masks as they are;
+    the fields beside it say what tuning runs on: its samples and its teacher."""
 
     importance: str = "fisher"  # fisher (labels) | fisher_unlabeled (the model's predictions)
     amp: str = "auto"  # Fisher pass precision: auto (float32) | bf16 (autocast) | off
     granularity: int = 8  # a layer keeps FFN neurons in multiples of this (1: any count)
     rearrange: bool = True
     rearrange_sweeps: int = 1  # 1 = the paper's single greedy pass
-    tune: str = "mask"  # off | mask (the paper) | bias | weights (beyond the paper)
+    tune: TuneOptions | None = field(default_factory=TuneOptions)  # None: no tuning
     tune_teacher: str = "full"  # full (unpruned model) | ta (official teacher-assistant)
     tune_teacher_rearrange: bool = False  # rearrange the TA mask too (the official code does not)
-    tune_damp: float = 1e-2  # ridge of the mask solve, relative to mean(diag G)
-    tune_weight_damp: float = 1e-1  # ridge of the weight solve (tune=weights)
-    tune_max_scale: float = 10.0
     tune_samples: int | None = 512  # tune on the first n samples only (None: the whole set)
     tune_holdout: int = 128  # samples after those, to check bias/weight solutions on
-    tune_solver: str = "cholesky"  # cholesky | lsmr (official)
-    tune_bias_column: bool = False  # official: scalar bias column in the head solve, dropped
-    tune_first_attention: bool = True  # official: False
-    tune_ffn_target: str = "masked"  # masked | unmasked (official)
-    tune_on_failure: str = "layer"  # layer | stop (official)
-    cls_only_last: bool | None = None  # fit the last FFN on [CLS] only; None: from the model
+    steps: int = 1  # 1: one shot (the paper); k: k steps, importance re-measured after each
 
     def __post_init__(self):
-        choices = (("importance", IMPORTANCE), ("amp", AMP_MODES), ("tune", TUNE),
-                   ("tune_teacher", TEACHERS))
+        choices = (("importance", IMPORTANCE), ("amp", AMP_MODES), ("tune_teacher", TEACHERS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise PruneError(f"{name}={getattr(self, name)!r}: use one of "
                                  f"{', '.join(allowed)}")
-        for name in ("rearrange", "tune_teacher_rearrange", "tune_bias_column",
-                     "tune_first_attention"):
+        for name in ("rearrange", "tune_teacher_rearrange"):
             if not isinstance(getattr(self, name), bool):
                 raise PruneError(f"{name}={getattr(self, name)!r}: use true or false")
+        if self.tune is not None and not isinstance(self.tune, TuneOptions):
+            raise PruneError(f"tune={self.tune!r}: use TuneOptions(mode=...) (mode one of "
+                             f"{', '.join(TUNE_MODES)}), or None for no tuning")
         _positive_int("rearrange_sweeps", self.rearrange_sweeps)
+        _positive_int("steps", self.steps)
         check_granularity(self.granularity)
         _positive_int("tune_holdout", self.tune_holdout, zero=True)
         if self.tune_samples is not None:
             _positive_int("tune_samples", self.tune_samples, hint=", or null to tune on all "
                           "of them")
-        self.tune_options(False)  # validates the tuning options
 
-    def tune_options(self, cls_only_last: bool) -> TuneOptions:
-        return TuneOptions(
-            mode=self.tune if self.tune != "off" else "mask", damp=self.tune_damp,
-            weight_damp=self.tune_weight_damp, max_scale=self.tune_max_scale,
-            cls_only_last=cls_only_last, solver=self.tune_solver,
-            bias_column=self.tune_bias_column, first_attention=self.tune_first_attention,
-            ffn_target=self.tune_ffn_target, on_failure=self.tune_on_failure)
+    @property
+    def tune_mode(self) -> str:
+        """``off``, or the tuning mode: ``mask`` | ``bias`` | ``weights``."""
+        return "off" if self.tune is None else self.tune.mode
 
     @classmethod
     def defaults(cls) -> dict:
         """Every option with a default, and its value."""
-        return {f.name: f.default for f in fields(cls)}
+        return {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(cls)}
 
 
 def _positive_int(name: str, value, zero: bool = False, hint: str = "") -> None:
@@ -137,10 +138,6 @@ def timed(timings: dict, key: str) -> _Timer:
     return _Timer(timings, key)
 
 
-def is_question_answering(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForQuestionAnswering")
-
-
 def prune_masks(
     model: nn.Module,
     adapter: Adapter,
@@ -156,44 +153,76 @@ def prune_masks(
     cost, from the sample set (no retraining).
 
     ``fisher`` may be passed in (e.g. from a cache, or shared by several constraints) to skip
-    the gradient pass.
+    the gradient pass (of the first step, with ``opts.steps > 1``).
+
+    Iterative pruning (``opts.steps = k > 1``, beyond the paper): the constraint is reached in
+    k steps, ``constraint ** (i / k)`` for ``i = 1..k``; each step after the first measures the
+    importance on the model the previous step made (its masks and tuned weights in place, so a
+    unit's importance is that of removing it from the pruned, reconstructed model), keeps only
+    units the previous step kept, and searches, rearranges and tunes again. Tuning always fits
+    the unpruned model's outputs from the original weights. Each extra step costs one more
+    Fisher pass and one more tuning; the result's timings add them up.
     """
     constraint = check_constraint(constraint)
     opts = opts or PruneOptions()
     check_granularity(opts.granularity, adapter.head_size)  # warns when heads are not aligned
     timings: dict[str, float] = {"fisher": 0.0}
-    if fisher is None:
-        with timed(timings, "fisher"):
-            fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
-                                    opts.importance, seed)
-    fisher.check_finite()
+    result: PruneResult | None = None
+    for step, target in enumerate(step_constraints(constraint, opts.steps)):
+        if result is not None:  # the importance of the units of the model just made
+            current = result.masks.to(model_device(model))
+            with timed(timings, "fisher"), apply_masks(model, adapter, current), \
+                    applied_weights(model, adapter, current, result.weights):
+                fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
+                                        opts.importance, seed + step)
+        elif fisher is None:
+            with timed(timings, "fisher"):
+                fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
+                                        opts.importance, seed)
+        fisher.check_finite()
+        kept = result.masks.kept() if result is not None else None
+        result = _one_step(model, adapter, sample_batches, cost, target, opts, fisher, kept,
+                           timings, progress)
+    return result
+
+
+def step_constraints(constraint: float, steps: int) -> list[float]:
+    """The constraint of each step: ``constraint ** (i / steps)``, the last one exact."""
+    _positive_int("steps", steps)
+    return [constraint ** (i / steps) for i in range(1, steps)] + [constraint]
+
+
+def _only(importance, kept):
+    """``importance`` with the units a previous step pruned below every kept one (never kept
+    again: the search gains by leaving budget unused rather than taking them)."""
+    floor = -(float(importance.abs().sum()) + 1.0)
+    return importance.where(kept.to(importance.device) != 0, floor)
+
+
+def _one_step(model, adapter, sample_batches, cost, constraint, opts, fisher, kept, timings,
+              progress) -> PruneResult:
+    """Search, rearrangement and tuning at one constraint, from ``fisher``."""
     with timed(timings, "search"):
-        searched = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
-                                constraint, **_aligned(opts))
+        heads, neurons = fisher.head_importance, fisher.neuron_importance
+        if kept is not None:
+            heads, neurons = _only(heads, kept.head), _only(neurons, kept.neuron)
+        searched = search_masks(heads, neurons, cost, constraint, granularity=opts.granularity)
     rearranged = None
     masks = searched
     if opts.rearrange:
         with timed(timings, "rearrange"):
-            rearranged = rearrange_masks(searched, fisher, opts.rearrange_sweeps)
+            rearranged = rearrange_masks(searched, fisher, opts.rearrange_sweeps, kept)
         masks = rearranged
     result = PruneResult(masks.to("cpu"), searched, rearranged, fisher, timings)
-    if opts.tune != "off":
+    if opts.tune is not None:
         with timed(timings, "tune"):
             teacher = teacher_masks(fisher, cost, constraint, opts)
-            cls_only = opts.cls_only_last
-            if cls_only is None:
-                cls_only = not is_question_answering(model)
             tune_set, holdout = split_samples(sample_batches, opts.tune_samples,
-                                              opts.tune_holdout if opts.tune != "mask" else 0)
-            tuned = tune_masks(model, adapter, masks, tune_set, teacher,
-                               opts.tune_options(cls_only), holdout, progress)
+                                              opts.tune_holdout if opts.tune.mode != "mask" else 0)
+            tuned = tune_masks(model, adapter, masks, tune_set, teacher, opts.tune, holdout,
+                               progress)
         result.masks, result.weights, result.tune_stats = tuned.masks, tuned.weights, tuned.stats
     return result
-
-
-def _aligned(opts: PruneOptions) -> dict:
-    """The search's alignment argument (left out at 1, the unaligned search)."""
-    return {"granularity": opts.granularity} if opts.granularity != 1 else {}
 
 
 def teacher_masks(fisher: Fisher, cost: CostModel, constraint: float,
@@ -203,7 +232,7 @@ def teacher_masks(fisher: Fisher, cost: CostModel, constraint: float,
     if opts.tune_teacher == "full":
         return None
     ta = search_masks(fisher.head_importance, fisher.neuron_importance, cost,
-                      math.sqrt(constraint), **_aligned(opts))
+                      math.sqrt(constraint), granularity=opts.granularity)
     if opts.tune_teacher_rearrange:
         ta = rearrange_masks(ta, fisher, opts.rearrange_sweeps)
     return ta
@@ -333,7 +362,7 @@ def adaptive_fisher(
         next_check = info.samples + chunk
         fisher = Fisher.concat(parts).check_finite()
         current = [search_masks(fisher.head_importance, fisher.neuron_importance, cost, c,
-                                **_aligned(opts)) for c in constraints]
+                                granularity=opts.granularity) for c in constraints]
         if previous is not None:
             pairs = list(zip(previous, current, strict=True))
             info.regret.append(max(regret(p, q, fisher) for p, q in pairs))

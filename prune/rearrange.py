@@ -21,8 +21,10 @@ from prune.masks import Masks
 
 
 @torch.no_grad()
-def greedy_rearrange(kept: torch.Tensor, grads: torch.Tensor, sweeps: int = 1) -> torch.Tensor:
-    """Rearrange one layer: ``kept`` [n] (bool), ``grads`` [num_batches, n]; returns new kept."""
+def greedy_rearrange(kept: torch.Tensor, grads: torch.Tensor, sweeps: int = 1,
+                     allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Rearrange one layer: ``kept`` [n] (bool), ``grads`` [num_batches, n]; returns new kept.
+    Only units in ``allowed`` [n] (bool; all by default) may be swapped in."""
     kept = kept.bool().clone()
     if kept.all() or not kept.any():
         return kept
@@ -39,6 +41,8 @@ def greedy_rearrange(kept: torch.Tensor, grads: torch.Tensor, sweeps: int = 1) -
             # ||total - g_i||^2 = ||total||^2 - 2 g_i.total + ||g_i||^2: argmin over i in P
             score = sq_norm - 2.0 * (g @ total)
             score[~pruned] = float("inf")
+            if allowed is not None:
+                score[~allowed & (torch.arange(len(score)) != j)] = float("inf")
             i = int(torch.argmin(score))
             pruned[i] = False
             total -= g[i]
@@ -49,10 +53,16 @@ def greedy_rearrange(kept: torch.Tensor, grads: torch.Tensor, sweeps: int = 1) -
     return kept
 
 
-def rearrange_masks(masks: Masks, fisher: Fisher, sweeps: int = 1) -> Masks:
-    """Rearrange heads and neurons of every layer; per-layer counts stay as searched."""
+def rearrange_masks(masks: Masks, fisher: Fisher, sweeps: int = 1,
+                    allowed: Masks | None = None) -> Masks:
+    """Rearrange heads and neurons of every layer; per-layer counts stay as searched. Units
+    outside ``allowed`` (e.g. pruned by an earlier step) are never swapped in."""
     head, neuron = masks.head.clone(), masks.neuron.clone()
     for layer in range(head.shape[0]):
-        head[layer] = greedy_rearrange(head[layer] != 0, fisher.head_grads[:, layer], sweeps)
-        neuron[layer] = greedy_rearrange(neuron[layer] != 0, fisher.neuron_grads[:, layer], sweeps)
+        ok_h = allowed.head[layer] != 0 if allowed is not None else None
+        ok_n = allowed.neuron[layer] != 0 if allowed is not None else None
+        head[layer] = greedy_rearrange(head[layer] != 0, fisher.head_grads[:, layer], sweeps,
+                                       ok_h)
+        neuron[layer] = greedy_rearrange(neuron[layer] != 0, fisher.neuron_grads[:, layer],
+                                         sweeps, ok_n)
     return Masks(head.float(), neuron.float())

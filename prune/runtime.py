@@ -1,9 +1,11 @@
-"""Small helpers every stage shares: a model's device, moving batches, and evaluation mode with
-frozen weights, always restored afterwards."""
+"""Small helpers every stage shares: a model's device and its name, moving batches, and
+evaluation mode with frozen weights, always restored afterwards."""
 
 from __future__ import annotations
 
+import platform
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -14,6 +16,22 @@ LABEL_KEYS = ("labels", "start_positions", "end_positions")
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def cpu_name() -> str:
+    """The CPU model as the OS names it (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's (what a timing was taken on)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

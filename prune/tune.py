@@ -39,14 +39,15 @@ Choices that follow the official code only when asked (its preset sets them): ``
 (leave layer 0's attention untuned), ``ffn_target="unmasked"`` (the teacher's FFN output taken
 before its own neuron mask), ``on_failure="stop"`` (abandon every later layer at the first failed
 solve or out-of-range scale). For sequence classification the last layer's FFN is fitted on the
-[CLS] token only (``cls_only_last``), as in the official code; for QA on every token.
+[CLS] token only (``cls_only_last``, decided from the model unless set), as in the official
+code; for QA on every token.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -71,7 +72,7 @@ class TuneOptions:
     damp: float = 1e-2  # ridge of the mask solve, relative to mean(diag G)
     weight_damp: float = 1e-1  # ridge of the weight solve, relative to mean(diag S)
     max_scale: float = 10.0  # a tuned scale outside [-max_scale, max_scale] is a failure
-    cls_only_last: bool = False  # fit the last layer's FFN on the first token only
+    cls_only_last: bool | None = None  # last layer's FFN on the first token only (None: unless QA)
     solver: str = "cholesky"  # cholesky | lsmr (the official code's)
     bias_column: bool = False  # official: a scalar bias column in the head solve, dropped
     first_attention: bool = True  # official: False, layer 0's attention is not tuned
@@ -92,6 +93,23 @@ class TuneOptions:
                 raise PruneError(f"tune {name}={value!r}: use a damping >= 0")
         if not isinstance(self.max_scale, (int, float)) or not self.max_scale > 0:
             raise PruneError(f"tune max_scale={self.max_scale!r}: use a positive bound")
+        for name in ("bias_column", "first_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise PruneError(f"tune {name}={getattr(self, name)!r}: use true or false")
+        if self.cls_only_last is not None and not isinstance(self.cls_only_last, bool):
+            raise PruneError(f"tune cls_only_last={self.cls_only_last!r}: use true, false or "
+                             f"null (the first token for classification, every token for QA)")
+
+    def for_model(self, model: nn.Module) -> "TuneOptions":
+        """These options with ``cls_only_last`` decided for ``model`` when it is ``None``:
+        the first token for sequence classification, every token for question answering."""
+        if self.cls_only_last is not None:
+            return self
+        return replace(self, cls_only_last=not is_question_answering(model))
+
+
+def is_question_answering(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForQuestionAnswering")
 
 
 @dataclass
@@ -274,7 +292,7 @@ def tune_masks(
     """Tune the kept units of ``masks`` layer by layer on ``batches`` (model inputs; labels are
     ignored), against the unpruned model or the ``teacher`` masks. ``holdout`` batches are
     never fitted; ``mode="weights"`` checks each solution on them."""
-    options = options or TuneOptions()
+    options = (options or TuneOptions()).for_model(model)
     with eval_mode(model) as device:
         masks = masks.clone().to(device)
         teacher = teacher.to(device) if teacher is not None else None

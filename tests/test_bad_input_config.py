@@ -21,6 +21,16 @@ CASES = [
     ("float-sample-count", ["prune.num_samples=1e3"],
      r"prune.num_samples=1000.0: write it as a whole number \(prune.num_samples=1000\)"),
     ("bad-granularity", ["prune.granularity=0"], r"granularity=0: use a positive integer"),
+    # the tuning solve's options (the library's TuneOptions) under their flat config keys
+    ("negative-tune-damp", ["prune.tune_damp=-1"], r"^prune.tune_damp=-1.0: use a damping >= 0"),
+    ("bad-tune-solver", ["prune.tune_solver=qr"],
+     r"^prune.tune_solver='qr': use one of cholesky, lsmr"),
+    ("bad-tune-target", ["prune.tune_ffn_target=both"],
+     r"^prune.tune_ffn_target='both': use one of masked, unmasked"),
+    ("bad-tune-bound", ["prune.tune_max_scale=0"],
+     r"^prune.tune_max_scale=0.0: use a positive bound"),
+    ("bad-tune-mode-while-off", ["prune.tune=off", "prune.tune_weight_damp=-0.5"],
+     r"^prune.tune_weight_damp=-0.5: use a damping >= 0"),
 ]
 
 

@@ -27,6 +27,7 @@ from prune import (
     Masks,
     PruneError,
     PruneOptions,
+    TuneOptions,
     flops_cost,
     get_adapter,
     load_pruned,
@@ -77,7 +78,7 @@ def test_half_precision_checkpoint_prunes_and_keeps_its_dtype(tmp_path, dtype):
     adapter = get_adapter(model)
     batches = tiny_batches(2)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10.0), 0.6,
-                         PruneOptions(tune="weights"), progress=False)
+                         PruneOptions(tune=TuneOptions(mode="weights")), progress=False)
     pruned = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
     save_pruned(pruned, tmp_path / "pruned", tokenizer)
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["dtype"] == \

@@ -161,13 +161,14 @@ def on_another_device(device: str) -> str:
     return "NVIDIA GPU X"
 
 
-def source_copy(root):
-    """The project's source (what the code digest covers) copied under ``root``."""
+def source_copy(root, patterns=None):
+    """The project's source (what the code digest covers, or ``patterns``) copied under
+    ``root``."""
     import shutil
 
-    from experiments.identity import ROOT, source_files
+    from experiments.identity import CODE_FILES, ROOT, source_files
 
-    for path in source_files():
+    for path in source_files(patterns or CODE_FILES):
         target = root / path.relative_to(ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
@@ -301,12 +302,13 @@ def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpo
 
 
 @pytest.mark.parametrize("stage", ["prune.tune=mask", "prune.tune=bias", "prune.tune=weights",
-                                   "prune.tune_teacher=ta"])
+                                   "prune.tune_teacher=ta", "prune.steps=2"])
 def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(stage,
                                                                           tiny_checkpoints,
                                                                           tmp_path):
-    """Every tuning mode (and the teacher-assistant target) gives a family's constraint what a
-    single run at that constraint gives: the same masks, tuned weights, tuning fits and
+    """Every tuning mode (and the teacher-assistant target, and iterative pruning, whose first
+    step shares the family's Fisher) gives a family's constraint what a single run at that
+    constraint gives: the same masks, tuned weights, tuning fits and
     results."""
     base = [f"model.path={tiny_checkpoints['cls2']}", f"paths.cache_dir={tmp_path}/cache",
             stage, *FAST]
@@ -366,6 +368,32 @@ def test_demo_fine_tune_cache_is_keyed_on_weights_and_data(tmp_path):
     # cached before it existed keep their key
     assert "group_by_length" not in key["config"]
     assert finetune_key(str(base), spec, FinetuneConfig(group_by_length=True)) != key
+
+
+def test_fine_tune_cache_is_keyed_on_the_training_code(tmp_path, monkeypatch):
+    """No version to bump by hand: one changed line of the training loop changes the key
+    (the cached model is trained again); a change to the pruning library does not."""
+    from experiments.data import TaskSpec
+    from experiments.finetune import FinetuneConfig, finetune_key
+    from experiments.identity import CODE_FILES, FINETUNE_FILES
+
+    source = source_copy(tmp_path / "src", CODE_FILES + FINETUNE_FILES)
+    monkeypatch.setattr("experiments.identity.ROOT", source)
+    data = copy_sst2(tmp_path / "data")
+    spec = TaskSpec(name="sst2", kind="classification", num_labels=2, metric="accuracy",
+                    text_columns=("sentence",), label_column="label", local_dir=str(data))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    key = finetune_key(str(base), spec, FinetuneConfig())
+    tune = source / "prune" / "tune.py"
+    tune.write_text(tune.read_text() + "\n# a comment\n")
+    assert finetune_key(str(base), spec, FinetuneConfig()) == key
+    loop = source / "experiments" / "finetune.py"
+    text = loop.read_text()
+    assert "WINDOW = " in text
+    loop.write_text(text.replace("WINDOW = ", "WINDOW = 1 + ", 1))
+    assert finetune_key(str(base), spec, FinetuneConfig()) != key
 
 
 def test_length_grouped_batches_are_a_seeded_permutation_with_less_padding():

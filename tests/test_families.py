@@ -173,3 +173,26 @@ def test_tuned_masks_and_weights_prune_to_the_same_model(family):
         expected = outputs(model, batches[0])
     pruned = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
     assert torch.allclose(outputs(pruned, batches[0]), expected, atol=1e-4)
+
+
+def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, tmp_path):
+    """``steps=2`` with weight reconstruction: the masked model with its tuned weights, the
+    physically pruned one and its reloaded copy compute the same outputs."""
+    from prune import PruneOptions, TuneOptions, flops_cost, prune_masks
+    from prune.tune import applied_weights
+
+    model = tiny_model(family, layers=3)
+    adapter = get_adapter(model)
+    batches = tiny_batches(4, batch=8)
+    opts = PruneOptions(tune=TuneOptions(mode="weights"), steps=2, granularity=1)
+    result = prune_masks(model, adapter, batches, flops_cost(adapter, 10), 0.4, opts,
+                         progress=False)
+    assert result.weights, "weights mode must rewrite some projections"
+    with apply_masks(model, adapter, result.masks), \
+            applied_weights(model, adapter, result.masks, result.weights):
+        expected = outputs(model, batches[0])
+    pruned = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
+    assert torch.allclose(outputs(pruned, batches[0]), expected, atol=1e-4)
+    save_pruned(pruned, tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned")
+    assert torch.allclose(outputs(reloaded, batches[0]), expected, atol=1e-4)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, tiny_batches, tiny_model, write_tokenizer
 
-from prune import PruneOptions, flops_cost, get_adapter, prune_masks, prune_model
+from prune import PruneOptions, TuneOptions, flops_cost, get_adapter, prune_masks, prune_model
 from prune.latency import DTYPES, measure_latency
 
 # what the GPU machine lacks: the bench must run with every one of them unimportable
@@ -117,7 +117,7 @@ def test_pipeline_and_quick_bench_run_on_cuda(tmp_path):
     adapter = get_adapter(model)
     batches = tiny_batches(n_batches=4, batch=8, length=16)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 16), 0.5,
-                         PruneOptions(tune="weights"), progress=False)
+                         PruneOptions(tune=TuneOptions(mode="weights")), progress=False)
     assert result.masks.head.device.type == "cpu"
     prune_model(model, result.masks, adapter, result.weights)
     assert next(model.parameters()).device.type == "cuda"

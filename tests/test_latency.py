@@ -90,7 +90,7 @@ def test_table_round_trips_from_cache_and_every_setting_is_in_its_key(tmp_path, 
         "points": latency_table_key(model, adapter, **{**settings, "points": 4}),
         "min_run_time": latency_table_key(model, adapter, **{**settings, "min_run_time": 1}),
     }
-    monkeypatch.setattr("experiments.caches.cpu_name", lambda: "Another CPU @ 1.0GHz")
+    monkeypatch.setattr("prune.runtime.cpu_name", lambda: "Another CPU @ 1.0GHz")
     changed["cpu"] = latency_table_key(model, adapter, **settings)
     monkeypatch.undo()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 97)

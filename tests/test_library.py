@@ -26,7 +26,8 @@ batches = [dict(input_ids=torch.randint(5, 100, (8, 12), generator=g),
 adapter = prune.get_adapter(model)
 for tune in ("mask", "weights"):
     result = prune.prune_masks(model, adapter, batches, prune.flops_cost(adapter, 12),
-                               0.5, prune.PruneOptions(tune=tune), progress=False)
+                               0.5, prune.PruneOptions(tune=prune.TuneOptions(mode=tune)),
+                               progress=False)
     small = prune.prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 bad = sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({BLOCKED!r}))

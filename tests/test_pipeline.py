@@ -5,7 +5,16 @@ import torch
 from conftest import tiny_batches, tiny_model
 from test_run import FAST, run
 
-from prune import Masks, PruneOptions, adaptive_fisher, compute_fisher, flops_cost, get_adapter
+from prune import (
+    Masks,
+    PruneError,
+    PruneOptions,
+    adaptive_fisher,
+    compute_fisher,
+    flops_cost,
+    get_adapter,
+    prune_masks,
+)
 from prune.pipeline import masks_change, split_samples
 
 
@@ -77,3 +86,42 @@ def test_regret_is_the_importance_the_previous_masks_lose_under_the_current_esti
     assert retained(best, fisher) == 13 / 15 and retained(worse, fisher) == 5 / 15
     assert regret(best, best, fisher) == 0.0
     assert regret(worse, best, fisher) == pytest.approx(1 - 5 / 13)
+
+
+def test_step_constraints_are_geometric_and_end_exactly_at_the_target():
+    from prune.pipeline import step_constraints
+
+    assert step_constraints(0.3, 1) == [0.3]
+    got = step_constraints(0.2, 3)
+    assert got[-1] == 0.2 and got == sorted(got, reverse=True)
+    assert got[0] == pytest.approx(0.2 ** (1 / 3)) and got[1] == pytest.approx(0.2 ** (2 / 3))
+
+
+@pytest.mark.parametrize("mode", [None, "mask", "weights"])
+def test_iterative_pruning_keeps_within_the_first_steps_units_and_the_budget(mode):
+    """With the Fisher passed in, step 1 of ``steps=2`` is the one-shot answer at
+    ``sqrt(c)``; step 2 re-measures the importance on that pruned (tuned) model, keeps a subset
+    of its units and holds the budget; its importance differs from the unpruned model's."""
+    from prune import TuneOptions
+
+    model = tiny_model("bert", layers=3)
+    adapter = get_adapter(model)
+    batches = tiny_batches(4, batch=8)
+    cost = flops_cost(adapter, 10)
+    fisher = compute_fisher(model, adapter, batches, progress=False)
+    tune = TuneOptions(mode=mode) if mode else None
+    one = PruneOptions(tune=tune, granularity=1)
+    first = prune_masks(model, adapter, batches, cost, 0.3 ** 0.5, one, fisher=fisher,
+                        progress=False)
+    two = prune_masks(model, adapter, batches, cost, 0.3, PruneOptions(
+        tune=tune, granularity=1, steps=2), fisher=fisher, progress=False)
+    kept, before = two.masks.kept(), first.masks.kept()
+    assert bool((kept.head <= before.head).all() and (kept.neuron <= before.neuron).all())
+    assert float(kept.head.sum() + kept.neuron.sum()) < float(before.head.sum()
+                                                              + before.neuron.sum())
+    assert cost.ratio(kept.heads_per_layer(), kept.neurons_per_layer()) <= 0.3 + 1e-9
+    assert not torch.equal(two.fisher.neuron_grads, fisher.neuron_grads)
+    # units the first step pruned have no gradient on the model it made
+    assert float(two.fisher.neuron_importance[before.neuron == 0].abs().sum()) == 0.0
+    with pytest.raises(PruneError, match="steps=0: use a positive number"):
+        PruneOptions(steps=0)

@@ -68,3 +68,23 @@ def test_store_keeps_every_run_and_the_newer_record_of_one(tmp_path):
     assert store.read(tmp_path / "records.jsonl") == json.loads(json.dumps(merged))
     runs = collect(records=merged)
     assert sorted(runs["code"]) == ["c0de", "c0de", "other"]  # never pooled across code
+
+
+def test_the_readme_library_example_runs(tmp_path):
+    """The README's "Use as a library" code, run as written on a tiny model and batches."""
+    from conftest import tiny_batches, tiny_model, write_tokenizer
+    from transformers import AutoTokenizer
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Use as a library")
+    code = text[text.index("```python\n", start) + len("```python\n"):]
+    code = code[:code.index("```")]
+    write_tokenizer(tmp_path / "tok")
+    model = tiny_model("bert", layers=2)
+    before = sum(p.numel() for p in model.parameters())
+    scope = {"model": model, "sample_batches": tiny_batches(2),
+             "tokenizer": AutoTokenizer.from_pretrained(str(tmp_path / "tok"))}
+    exec(compile(code.replace('"out/pruned"', repr(str(tmp_path / "pruned"))), "README", "exec"),
+         scope)
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert (tmp_path / "pruned" / "config.json").exists()

@@ -1,5 +1,6 @@
 import copy
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -100,8 +101,9 @@ def test_the_tuners_errors_are_what_the_real_model_computes(family):
     batches = tiny_batches(4)
     adapter, masks = searched(model, batches, 0.5)
     for mode in ("mask", "weights"):
-        result = tune_masks(model, adapter, masks, batches, options=TuneOptions(mode=mode),
-                            progress=False)
+        # every token fitted, as measured_errors measures (classifiers default to [CLS] last)
+        options = TuneOptions(mode=mode, cls_only_last=False)
+        result = tune_masks(model, adapter, masks, batches, options=options, progress=False)
         measured = measured_errors(model, adapter, result.masks, batches, result.weights)
         for fit in result.stats.fits:
             assert fit.after == pytest.approx(measured[(fit.layer, fit.part)], rel=1e-3,
@@ -307,8 +309,10 @@ def test_weights_fall_back_when_they_do_not_help_on_held_out_samples():
     fit = tiny_batches(1, batch=2, length=6, seed=1)
     held = tiny_batches(4, seed=2)
     _, masks = searched(model, held, 0.4)
-    tuned = tune_masks(model, adapter, masks, fit, options=TuneOptions(mode="weights",
-                       weight_damp=0.0), holdout=held, progress=False)
+    # every token fitted and held out, as measured_errors measures
+    options = TuneOptions(mode="weights", weight_damp=0.0, cls_only_last=False)
+    tuned = tune_masks(model, adapter, masks, fit, options=options, holdout=held,
+                       progress=False)
     fits = tuned.stats.fits
     assert all(set(f.holdout_candidates) == {"scales", "bias", "weights"} for f in fits)
     # the recorded held-out errors are what the real tuned model computes on those samples
@@ -370,17 +374,52 @@ def test_choice_is_the_lowest_held_out_error_and_the_simpler_on_ties():
     assert tuner._choose(0, "attn", {"scales": sol(5, 0)}, held) == "scales"
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(rearrange_sweeps=0), "rearrange_sweeps=0: use a positive number"),
-    (dict(tune_damp=-1.0), "damp=-1.0: use a damping >= 0"),
-    (dict(tune_max_scale=-2.0), "max_scale=-2.0: use a positive bound"),
-    (dict(tune="sometimes"), "tune='sometimes': use one of off, mask, bias, weights"),
-    (dict(tune_samples=0), "tune_samples=0: use a positive number"),
+@pytest.mark.parametrize("kind,bad,message", [
+    (PruneOptions, dict(rearrange_sweeps=0), "rearrange_sweeps=0: use a positive number"),
+    (PruneOptions, dict(tune="weights"), "tune='weights': use TuneOptions\\(mode=...\\)"),
+    (PruneOptions, dict(tune_samples=0), "tune_samples=0: use a positive number"),
+    (PruneOptions, dict(tune_teacher="student"), "tune_teacher='student': use one of full, ta"),
+    (TuneOptions, dict(damp=-1.0), "damp=-1.0: use a damping >= 0"),
+    (TuneOptions, dict(max_scale=-2.0), "max_scale=-2.0: use a positive bound"),
+    (TuneOptions, dict(mode="sometimes"), "mode='sometimes': use one of mask, bias, weights"),
+    (TuneOptions, dict(cls_only_last=1), "cls_only_last=1: use true, false or null"),
+    (TuneOptions, dict(first_attention="no"), "first_attention='no': use true or false"),
 ])
-def test_bad_pruning_options_are_rejected_with_one_line(bad, message):
+def test_bad_pruning_options_are_rejected_with_one_line(kind, bad, message):
     with pytest.raises(PruneError, match=message) as err:
-        PruneOptions(**bad)
+        kind(**bad)
     assert "\n" not in str(err.value)
+
+
+def test_pruning_options_hold_the_tuning_options_and_the_config_keys_reach_them():
+    """``PruneOptions.tune`` is a ``TuneOptions`` (or None), not a mirror of its fields; the
+    run's flat ``prune.tune_*`` keys build exactly it, and ``tune=off`` is None."""
+    from omegaconf import OmegaConf
+
+    from experiments.config import TUNE_KEYS, PruneConf, prune_options
+
+    names = {f.name for f in fields(PruneOptions)}
+    assert not names & ({f"tune_{f.name}" for f in fields(TuneOptions)} | {"cls_only_last"})
+    assert PruneOptions().tune == TuneOptions() and PruneOptions().tune_mode == "mask"
+    assert PruneOptions(tune=None).tune_mode == "off"
+    cfg = OmegaConf.structured(PruneConf)
+    assert prune_options(cfg) == PruneOptions()
+    cfg.tune, cfg.tune_weight_damp, cfg.tune_solver = "weights", 0.3, "lsmr"
+    cfg.cls_only_last = False
+    got = prune_options(cfg)
+    assert got.tune == TuneOptions(mode="weights", weight_damp=0.3, solver="lsmr",
+                                   cls_only_last=False)
+    assert set(TUNE_KEYS.values()) == {f.name for f in fields(TuneOptions)} - {
+        "activation_cache_bytes"}
+    cfg.tune = "off"
+    assert prune_options(cfg).tune is None
+
+
+def test_cls_only_last_is_decided_from_the_model_unless_set():
+    classifier, qa = tiny_model("bert", layers=1), tiny_model("bert", layers=1, qa=True)
+    assert TuneOptions().for_model(classifier).cls_only_last is True
+    assert TuneOptions().for_model(qa).cls_only_last is False
+    assert TuneOptions(cls_only_last=False).for_model(classifier).cls_only_last is False
 
 
 def test_tuning_inputs_ignore_labels():
@@ -456,7 +495,7 @@ def test_weight_damping_conditions_the_solve_on_a_tiny_sample_set(seed):
         assert held_error(undamped) > 10 * held_error(untuned) and held_error(undamped) > 1.0
 
     default = TuneOptions().weight_damp
-    assert default == PruneOptions().tune_weight_damp > 0
+    assert default == PruneOptions().tune.weight_damp > 0
     damped = solve_weights(fit, anchor, default)
     assert damped is not None
     assert torch.isfinite(damped.weight).all() and torch.isfinite(damped.beta).all()
