@@ -379,7 +379,9 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
     opts: PruneOptions = prune_options(cfg.prune)
     result = prune_masks(loaded.model, loaded.adapter, loaded.data.sample_batches, loaded.cost,
                          constraint, opts, fisher=fisher, progress=cfg.progress, seed=cfg.seed)
-    timings = {**loaded.timings, **result.timings, "fisher": fisher_info["seconds"]}
+    # the shared first Fisher pass (cached or not) plus those of later steps (prune.steps > 1)
+    timings = {**loaded.timings, **result.timings,
+               "fisher": fisher_info["seconds"] + result.timings.get("fisher", 0.0)}
     model = copy.deepcopy(loaded.model)
     with timed(timings, "physical"):
         prune_model(model, result.masks, loaded.adapter, result.weights)
