@@ -33,7 +33,7 @@ VALUES = ["baseline", "pruned", "baseline2", "pruned2", "drop", "flops_ratio", "
           "t_physical", "t_pruning", "fisher_seconds", "fisher_samples", "adaptive_samples",
           "num_samples"]
 EXTRA = ["importance", "num_samples_setting", "tune_samples", "fisher_key", "fisher_cache_hit",
-         "sweeps",
+         "fisher_got", "sweeps",
          "repeats", "complete", "path"]
 COLUMNS = LABELS + ["seed"] + VALUES + EXTRA
 PAIRED = ["pruned", "t_tune"]  # values whose per-seed numbers a summary keeps (``_by_seed``)
@@ -91,6 +91,7 @@ def row_of(data: dict, path: Path) -> dict:
         "num_samples_setting": str(prune.get("num_samples", r.num_samples)),
         "tune_samples": tuned_on(prune.get("tune_samples"), r.num_samples),
         "fisher_key": cache.get("key"), "fisher_cache_hit": cache.get("hit"),
+        "fisher_got": cache.get("seconds"),  # computing it, or loading it on a cache hit
         "sweeps": (r.config or {}).get("sweep_name") or "",
         "complete": r.complete,  # false: masks or model not (yet) saved
         "path": str(path.parent),

@@ -30,6 +30,7 @@ from analysis.studies import (
     departures_table,
     frontier_table,
     latency_table,
+    methods_table,
     samples_table,
     tune_samples_table,
     unlabeled_table,
@@ -47,7 +48,7 @@ from analysis.tables import (
 )
 
 TABLES = ["demo", "main", "second", "goals", "ablation", "departures", "latency", "unlabeled",
-          "adaptive", "samples", "tune_samples", "frontier"]
+          "adaptive", "samples", "tune_samples", "frontier", "methods"]
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2 -->)", re.S)
@@ -70,6 +71,7 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
         "samples": [("samples", samples_table(runs))],
         "tune_samples": [("tune_samples", tune_samples_table(runs))],
         "frontier": [("frontier", frontier_table(runs))],
+        "methods": [("high-compression methods", methods_table(runs))],
     }
 
 

@@ -1,7 +1,7 @@
 """Tables of the studies beside the paper's: the departures from the official code, latency
 against FLOPs constraints, label-free importance, the adaptive Fisher pass, and how many samples
-the Fisher pass and mask tuning need. Cells are ``mean ± std`` over seeds; comparisons follow
-the no-difference rule (``analysis.stats``)."""
+the Fisher pass and mask tuning need, iterative pruning against one shot. Cells are
+``mean ± std`` over seeds; comparisons follow the no-difference rule (``analysis.stats``)."""
 
 from __future__ import annotations
 
@@ -238,3 +238,51 @@ def frontier_table(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
         else:
             table.loc[part.index, "geomean speedup"] = "--"
     return table.set_index(["model", "task", "stage"]).sort_index()
+
+
+
+def pruning_seconds(runs: pd.DataFrame, setting: str) -> Stat:
+    """Seconds to prune at one constraint, per seed, as if every run computed its own first
+    Fisher pass: the record's pruning time with the time it took to get that pass (computed or
+    loaded from the cache) replaced by the pass's computed time (any run of the same cache key
+    paid for it); later iterative steps' passes are in the record's own time."""
+    computed = runs.dropna(subset=["fisher_seconds", "fisher_key"])
+    by_key = computed.groupby("fisher_key")["fisher_seconds"].mean()
+    part = runs[runs["setting"] == setting]
+    total = part["t_pruning"] - part["fisher_got"] + part["fisher_key"].map(by_key)
+    per_seed = total.groupby(part["seed"]).mean().dropna()
+    if per_seed.empty:
+        return Stat(float("nan"), float("nan"), 0)
+    return Stat(per_seed.mean(), per_seed.std(), len(per_seed))
+
+
+METHOD_KEYS = ("steps", "obs")  # the high-compression methods beyond the paper
+
+
+def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Iterative pruning (``prune.steps``) and reconstruction-aware importance (``prune.obs``)
+    against the one-shot Fisher default, per stage and constraint: the pruned metric, its
+    paired difference to the default, and the pruning time (``pruning_seconds``) against the
+    default's. Takes ``collect``'s runs (times are per run)."""
+    sel = select(runs, departures=set(METHOD_KEYS))
+    if sel.empty:
+        return pd.DataFrame()
+    sel = comparisons(sel, "variant", tuple(f"settings.prune.{k}" for k in METHOD_KEYS))
+    if sel.empty:
+        return pd.DataFrame()
+    index = index_of(sel, ["model", "task", "metric", "stage"], ["constraint", "method"])
+    rows = []
+    for key, c in grid(sel, index[:-1], "variant").items():
+        ref = c.get("default", [])
+        ref_time = pruning_seconds(runs, ref[0]["setting"]) if len(ref) == 1 else None
+        for variant in sorted(c, key=lambda v: (v != "default", v)):
+            own = c[variant]
+            time = pruning_seconds(runs, own[0]["setting"]) if len(own) == 1 else None
+            rows.append({**labels_of(index[:-1], key), "method": variant,
+                         "pruned": cell(own),
+                         "vs default": "" if variant == "default" else compare(ref, own),
+                         "pruning s": time.fmt(1, show_n=False) if time else "--",
+                         "time / default": f"{time.mean / ref_time.mean:.2f}"
+                         if time and ref_time and time.n and ref_time.n and ref_time.mean
+                         else "--"})
+    return frame(rows, index, sort=False)

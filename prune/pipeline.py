@@ -34,6 +34,7 @@ from prune.cost import CostModel
 from prune.errors import PruneError
 from prune.fisher import AMP_MODES, IMPORTANCE, Fisher, compute_fisher, fisher_chunks
 from prune.masks import Masks, apply_masks
+from prune.obs import discounted, unrecovered
 from prune.rearrange import rearrange_masks
 from prune.runtime import model_device
 from prune.search import check_constraint, check_granularity, search_masks
@@ -70,6 +71,7 @@ class PruneOptions:
     tune_samples: int | None = 512  # tune on the first n samples only (None: the whole set)
     tune_holdout: int = 128  # samples after those, to check bias/weight solutions on
     steps: int = 1  # 1: one shot (the paper); k: k steps, importance re-measured after each
+    obs: bool = False  # discount importance by what reconstruction recovers (prune.obs)
 
     def __post_init__(self):
         choices = (("importance", IMPORTANCE), ("amp", AMP_MODES), ("tune_teacher", TEACHERS))
@@ -77,7 +79,7 @@ class PruneOptions:
             if getattr(self, name) not in allowed:
                 raise PruneError(f"{name}={getattr(self, name)!r}: use one of "
                                  f"{', '.join(allowed)}")
-        for name in ("rearrange", "tune_teacher_rearrange"):
+        for name in ("rearrange", "tune_teacher_rearrange", "obs"):
             if not isinstance(getattr(self, name), bool):
                 raise PruneError(f"{name}={getattr(self, name)!r}: use true or false")
         if self.tune is not None and not isinstance(self.tune, TuneOptions):
@@ -162,6 +164,10 @@ def prune_masks(
     units the previous step kept, and searches, rearranges and tunes again. Tuning always fits
     the unpruned model's outputs from the original weights. Each extra step costs one more
     Fisher pass and one more tuning; the result's timings add them up.
+
+    ``opts.obs`` (beyond the paper, ``prune.obs``): each step's importance is discounted by the
+    share of a unit's removal error that refitting the rest of its layer cannot recover
+    (``prune.obs.unrecovered``), so units that others can stand in for go first.
     """
     constraint = check_constraint(constraint)
     opts = opts or PruneOptions()
@@ -171,19 +177,34 @@ def prune_masks(
     for step, target in enumerate(step_constraints(constraint, opts.steps)):
         if result is not None:  # the importance of the units of the model just made
             current = result.masks.to(model_device(model))
-            with timed(timings, "fisher"), apply_masks(model, adapter, current), \
+            with apply_masks(model, adapter, current), \
                     applied_weights(model, adapter, current, result.weights):
-                fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
-                                        opts.importance, seed + step)
-        elif fisher is None:
-            with timed(timings, "fisher"):
-                fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
-                                        opts.importance, seed)
-        fisher.check_finite()
+                with timed(timings, "fisher"):
+                    fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
+                                            opts.importance, seed + step)
+                used = _discounted(model, adapter, sample_batches, fisher, opts, timings)
+        else:
+            if fisher is None:
+                with timed(timings, "fisher"):
+                    fisher = compute_fisher(model, adapter, sample_batches, progress, opts.amp,
+                                            opts.importance, seed)
+            used = _discounted(model, adapter, sample_batches, fisher, opts, timings)
+        used.check_finite()
         kept = result.masks.kept() if result is not None else None
-        result = _one_step(model, adapter, sample_batches, cost, target, opts, fisher, kept,
+        result = _one_step(model, adapter, sample_batches, cost, target, opts, used, kept,
                            timings, progress)
     return result
+
+
+def _discounted(model, adapter, sample_batches, fisher: Fisher, opts: PruneOptions,
+                timings: dict) -> Fisher:
+    """``fisher``, or with ``opts.obs`` its rows discounted by the share of each unit's removal
+    error that reconstruction cannot recover (``prune.obs``; moments from the tuning samples)."""
+    if not opts.obs:
+        return fisher
+    with timed(timings, "obs"):
+        shares = unrecovered(model, adapter, first_samples(sample_batches, opts.tune_samples))
+    return discounted(fisher, *shares)
 
 
 def step_constraints(constraint: float, steps: int) -> list[float]:

@@ -563,3 +563,36 @@ def test_goals_table(results):
     row = goals_table(runs).loc[("minilm", "sst2", "accuracy")]
     assert (row["drop @0.6"], row["<= 1 @0.6"]) == ("4.00 ± 1.00", "missed by 3.00")
     assert (row["drop @0.5"], row["<= 2 @0.5"]) == ("4.00 ± 1.00", "missed by 2.00")
+
+
+def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_pass(tmp_path):
+    """``prune.steps=2`` and ``prune.obs`` against the one-shot default on the same seeds; a
+    method's pruning time counts the shared first Fisher pass at its computed time (the run
+    itself loaded it from the cache) plus the later step's own pass and tuning."""
+    from analysis.collect import collect
+    from analysis.studies import methods_table
+
+    runs = {}
+    for s in range(3):
+        runs[f"one{s}"] = record(seed=s, constraint=0.2, pruned=0.80 + 0.01 * s,
+                                 prune={"tune": "weights"},
+                                 fisher={"key": f"k{s}", "hit": False, "seconds": 30.0})
+        two = record(seed=s, constraint=0.2, pruned=0.82 + 0.01 * s,
+                     prune={"tune": "weights", "steps": 2},
+                     fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
+        two["timings"].update(fisher=30.1, tune=40.0, pruning_total=70.71)
+        runs[f"two{s}"] = two
+        runs[f"obs{s}"] = record(seed=s, constraint=0.2, pruned=0.79 + 0.02 * s,
+                                 prune={"tune": "weights", "obs": True},
+                                 fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
+    runs["elsewhere"] = record(constraint=0.4, prune={"tune": "weights"})  # nothing to pair
+    table = methods_table(collect(write(tmp_path, runs)))
+    assert list(table.index.get_level_values("method")) == ["default", "obs=true", "steps=2"]
+    one = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "default")]
+    two = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "steps=2")]
+    obs = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "obs=true")]
+    assert (one["pruned"], two["pruned"]) == ("81.00 ± 1.00", "83.00 ± 1.00")
+    assert two["vs default"] == "+2.00 ± 0.00"
+    assert obs["vs default"] == "no difference (+0.00 ± 1.00)"
+    assert (one["pruning s"], two["pruning s"]) == ("50.6 ± 0.0", "100.6 ± 0.0")
+    assert two["time / default"] == "1.99" and one["vs default"] == ""

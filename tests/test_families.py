@@ -175,16 +175,18 @@ def test_tuned_masks_and_weights_prune_to_the_same_model(family):
     assert torch.allclose(outputs(pruned, batches[0]), expected, atol=1e-4)
 
 
-def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, tmp_path):
-    """``steps=2`` with weight reconstruction: the masked model with its tuned weights, the
-    physically pruned one and its reloaded copy compute the same outputs."""
+@pytest.mark.parametrize("obs", [False, True])
+def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, tmp_path):
+    """``steps=2`` with weight reconstruction (and with the reconstruction-aware importance,
+    ``obs``): the masked model with its tuned weights, the physically pruned one and its
+    reloaded copy compute the same outputs."""
     from prune import PruneOptions, TuneOptions, flops_cost, prune_masks
     from prune.tune import applied_weights
 
     model = tiny_model(family, layers=3)
     adapter = get_adapter(model)
     batches = tiny_batches(4, batch=8)
-    opts = PruneOptions(tune=TuneOptions(mode="weights"), steps=2, granularity=1)
+    opts = PruneOptions(tune=TuneOptions(mode="weights"), steps=2, granularity=1, obs=obs)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10), 0.4, opts,
                          progress=False)
     assert result.weights, "weights mode must rewrite some projections"
