@@ -118,7 +118,7 @@ def summary_table(r) -> str:
         ("heads / neurons kept", f"{r.masks['heads_kept']}/{r.masks['heads_total']}, "
                                  f"{r.masks['neurons_kept']}/{r.masks['neurons_total']}"),
         ("time (s)", "  ".join(f"{k} {t[k]:.1f}" for k in
-                               ("fisher", "search", "rearrange", "tune", "physical",
+                               ("fisher", "obs", "search", "rearrange", "tune", "physical",
                                 "pruning_total", "eval_baseline", "eval_pruned") if k in t)),
         ("code", f"{r.code or 'unknown'} (digest of the source that made these numbers)"),
     ]

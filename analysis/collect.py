@@ -22,7 +22,7 @@ from analysis.identity import (
     variant_of,
 )
 from experiments.identity import code_of
-from experiments.records import Record
+from experiments.records import PRUNING_STAGES, Record
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ def tuned_on(cap: int | None, num_samples: int | None) -> int | None:
     """How many samples mask tuning used: ``prune.tune_samples`` capped at the sample count;
     unset (results made before the option, or ``null``) means all of them."""
     return min(cap, num_samples) if cap and num_samples else num_samples
+
+
+def pruning_time(timings: dict) -> float | None:
+    """The sum of the pruning stages' times (``PRUNING_STAGES``), whatever the record's own
+    total counted (records made before the ``obs`` stage existed left it out of theirs)."""
+    parts = [timings[k] for k in PRUNING_STAGES if timings.get(k) is not None]
+    return sum(parts) if parts else timings.get("pruning_total")
 
 
 def fisher_seconds(record: Record) -> float | None:
@@ -82,7 +89,7 @@ def row_of(data: dict, path: Path) -> dict:
         "heads_kept": masks.get("heads_kept"), "neurons_kept": masks.get("neurons_kept"),
         "t_fisher": t.get("fisher"), "t_search": t.get("search"),
         "t_rearrange": t.get("rearrange"), "t_tune": t.get("tune"),
-        "t_physical": t.get("physical"), "t_pruning": t.get("pruning_total"),
+        "t_physical": t.get("physical"), "t_pruning": pruning_time(t),
         "fisher_seconds": fisher_seconds(r),
         "fisher_samples": cache.get("samples", r.num_samples),
         "adaptive_samples": (cache.get("adaptive") or {}).get("samples"),

@@ -115,6 +115,11 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
+# the stages whose times a record's ``pruning_total`` sums (``obs``: reconstruction-aware
+# importance, ``prune.obs``)
+PRUNING_STAGES = ("fisher", "obs", "search", "rearrange", "tune", "physical")
+
+
 @dataclasses.dataclass
 class Record:
     """What a run writes to ``results.json`` and what ``run.py``, the runner and ``analysis``

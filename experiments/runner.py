@@ -57,6 +57,7 @@ from experiments.identity import (
 )
 from experiments.metrics import main_metric
 from experiments.records import (
+    PRUNING_STAGES,
     WRITE_ERRORS,
     Record,
     atomic_dir,
@@ -397,8 +398,7 @@ def prune_one(plan: Plan, loaded: Loaded, constraint: float, fisher: Fisher,
                    "seq_len": lat.seq_len, "device": plan.device}
         if cfg.constraint_kind == "latency":
             latency["predicted_ratio"] = loaded.cost.ratio(heads, neurons)
-    timings["pruning_total"] = sum(timings.get(k, 0.0) for k in
-                                   ("fisher", "search", "rearrange", "tune", "physical"))
+    timings["pruning_total"] = sum(timings.get(k, 0.0) for k in PRUNING_STAGES)
     flops = loaded.flops
     record = Record(
         model=model_label(cfg), task=spec.name, checkpoint=plan.checkpoint,

@@ -582,9 +582,12 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
                      fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
         two["timings"].update(fisher=30.1, tune=40.0, pruning_total=70.71)
         runs[f"two{s}"] = two
-        runs[f"obs{s}"] = record(seed=s, constraint=0.2, pruned=0.79 + 0.02 * s,
-                                 prune={"tune": "weights", "obs": True},
-                                 fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
+        obs = record(seed=s, constraint=0.2, pruned=0.79 + 0.02 * s,
+                     prune={"tune": "weights", "obs": True},
+                     fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
+        # made before the record's total counted the obs stage: the table adds it
+        obs["timings"].update(fisher=0.1, obs=6.0, pruning_total=20.71)
+        runs[f"obs{s}"] = obs
     runs["elsewhere"] = record(constraint=0.4, prune={"tune": "weights"})  # nothing to pair
     table = methods_table(collect(write(tmp_path, runs)))
     assert list(table.index.get_level_values("method")) == ["default", "obs=true", "steps=2"]
@@ -596,3 +599,4 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
     assert obs["vs default"] == "no difference (+0.00 ± 1.00)"
     assert (one["pruning s"], two["pruning s"]) == ("50.6 ± 0.0", "100.6 ± 0.0")
     assert two["time / default"] == "1.99" and one["vs default"] == ""
+    assert (obs["pruning s"], obs["time / default"]) == ("56.6 ± 0.0", "1.12")
