@@ -256,15 +256,17 @@ def pruning_seconds(runs: pd.DataFrame, setting: str) -> Stat:
     return Stat(per_seed.mean(), per_seed.std(), len(per_seed))
 
 
-METHOD_KEYS = ("steps", "obs")  # the high-compression methods beyond the paper
+# the high-compression methods beyond the paper, and the sample counts they may need
+METHOD_KEYS = ("steps", "obs", "tune_samples", "num_samples")
 
 
-def methods_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Iterative pruning (``prune.steps``) and reconstruction-aware importance (``prune.obs``)
-    against the one-shot Fisher default, per stage and constraint: the pruned metric, its
-    paired difference to the default, and the pruning time (``pruning_seconds``) against the
-    default's. Takes ``collect``'s runs (times are per run)."""
-    sel = select(runs, departures=set(METHOD_KEYS))
+def methods_table(runs: pd.DataFrame, sweep: str = "iterative_cpu") -> pd.DataFrame:
+    """The ``sweep``'s methods (iterative pruning ``prune.steps``, reconstruction-aware
+    importance ``prune.obs``, more tuning or Fisher samples) against its one-shot default, per
+    stage and constraint: the pruned metric, its paired difference to the default, and the
+    pruning time (``pruning_seconds``) against the default's. Takes ``collect``'s runs (times
+    are per run)."""
+    sel = select(runs, departures=set(METHOD_KEYS), sweep=sweep)
     if sel.empty:
         return pd.DataFrame()
     sel = comparisons(sel, "variant", tuple(f"settings.prune.{k}" for k in METHOD_KEYS))

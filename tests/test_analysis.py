@@ -575,20 +575,21 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
     runs = {}
     for s in range(3):
         runs[f"one{s}"] = record(seed=s, constraint=0.2, pruned=0.80 + 0.01 * s,
-                                 prune={"tune": "weights"},
+                                 prune={"tune": "weights"}, sweep="iterative_cpu",
                                  fisher={"key": f"k{s}", "hit": False, "seconds": 30.0})
-        two = record(seed=s, constraint=0.2, pruned=0.82 + 0.01 * s,
+        two = record(seed=s, constraint=0.2, pruned=0.82 + 0.01 * s, sweep="iterative_cpu",
                      prune={"tune": "weights", "steps": 2},
                      fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
         two["timings"].update(fisher=30.1, tune=40.0, pruning_total=70.71)
         runs[f"two{s}"] = two
-        obs = record(seed=s, constraint=0.2, pruned=0.79 + 0.02 * s,
+        obs = record(seed=s, constraint=0.2, pruned=0.79 + 0.02 * s, sweep="iterative_cpu",
                      prune={"tune": "weights", "obs": True},
                      fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
         # made before the record's total counted the obs stage: the table adds it
         obs["timings"].update(fisher=0.1, obs=6.0, pruning_total=20.71)
         runs[f"obs{s}"] = obs
     runs["elsewhere"] = record(constraint=0.4, prune={"tune": "weights"})  # nothing to pair
+    runs["another-sweep"] = record(constraint=0.2, prune={"tune": "weights", "steps": 3})
     table = methods_table(collect(write(tmp_path, runs)))
     assert list(table.index.get_level_values("method")) == ["default", "obs=true", "steps=2"]
     one = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "default")]
