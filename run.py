@@ -105,6 +105,8 @@ def prune_todo(plan) -> None:
 
 def summary_table(r) -> str:
     """A finished run (``experiments.records.Record``) in a few lines."""
+    from experiments.records import PRUNING_STAGES
+
     key, t = r.metric, r.timings
     rows = [
         ("model / task", f"{r.model} / {r.task}  (constraint {r.constraint:g})"),
@@ -118,8 +120,8 @@ def summary_table(r) -> str:
         ("heads / neurons kept", f"{r.masks['heads_kept']}/{r.masks['heads_total']}, "
                                  f"{r.masks['neurons_kept']}/{r.masks['neurons_total']}"),
         ("time (s)", "  ".join(f"{k} {t[k]:.1f}" for k in
-                               ("fisher", "obs", "search", "rearrange", "tune", "physical",
-                                "pruning_total", "eval_baseline", "eval_pruned") if k in t)),
+                               (*PRUNING_STAGES, "pruning_total", "eval_baseline", "eval_pruned")
+                               if k in t)),
         ("code", f"{r.code or 'unknown'} (digest of the source that made these numbers)"),
     ]
     width = max(len(k) for k, _ in rows)
