@@ -48,7 +48,7 @@ from analysis.tables import (
 )
 
 TABLES = ["demo", "main", "second", "goals", "ablation", "departures", "latency", "unlabeled",
-          "adaptive", "samples", "tune_samples", "frontier", "methods"]
+          "adaptive", "weights_damp", "samples", "tune_samples", "frontier", "methods"]
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2 -->)", re.S)
@@ -68,6 +68,8 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
         "latency": [("latency", latency_table(runs))],
         "unlabeled": [("unlabeled", unlabeled_table(runs))],
         "adaptive": [("adaptive", adaptive_table(runs))],
+        "weights_damp": [("ridge of the weight reconstruction",
+                          departures_table(runs, "weights_damp_cpu", "+weights"))],
         "samples": [("samples", samples_table(runs))],
         "tune_samples": [("tune_samples", tune_samples_table(runs))],
         "frontier": [("frontier", frontier_table(runs))],

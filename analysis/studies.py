@@ -28,16 +28,18 @@ from experiments.config import LATENCY_TABLE_KEYS
 REFERENCE = ("default", DEFAULT_STAGE)
 
 
-def _row_order(key: tuple) -> tuple:
+def _row_order(key: tuple, reference: tuple = REFERENCE) -> tuple:
     """The reference first, then by stage and variant."""
     variant, stage = key[-2], key[-1]
     rank = STAGES.index(stage) if stage in STAGES else len(STAGES)
-    return key[:-2], (variant, stage) != REFERENCE, rank, variant
+    return key[:-2], (variant, stage) != reference, rank, variant
 
 
-def departures_table(runs: pd.DataFrame, sweep: str = "departures_cpu") -> pd.DataFrame:
+def departures_table(runs: pd.DataFrame, sweep: str = "departures_cpu",
+                     stage: str = DEFAULT_STAGE) -> pd.DataFrame:
     """One row per variant and stage of the ``sweep`` (FLOPs constraints): the pruned metric
-    per constraint, its difference to the default variant, and the tuning time."""
+    per constraint, its difference to the default variant at ``stage`` (the reference), and
+    the tuning time."""
     sel = select(runs, sweep=sweep)
     if sel.empty:
         return pd.DataFrame()
@@ -45,14 +47,15 @@ def departures_table(runs: pd.DataFrame, sweep: str = "departures_cpu") -> pd.Da
     index = index_of(sel, ["model", "task"], ["variant", "stage"])
     constraints = sorted(sel["constraint"].unique())
     cells = grid(sel, index, "constraint")
+    reference = ("default", stage)
     rows = []
-    for key in sorted(cells, key=_row_order):
-        ref = cells.get(key[:-2] + REFERENCE, {})
+    for key in sorted(cells, key=lambda k: _row_order(k, reference)):
+        ref = cells.get(key[:-2] + reference, {})
         own = cells[key]
         row = labels_of(index, key)
         for c in constraints:
             row[f"@{c:g}"] = cell(own.get(c, []))
-            row[f"vs default @{c:g}"] = "" if key[-2:] == REFERENCE else \
+            row[f"vs default @{c:g}"] = "" if key[-2:] == reference else \
                 compare(ref.get(c, []), own.get(c, []))
         tune = Stat.pooled([Stat.of(s, "t_tune") for ss in own.values() for s in ss])
         ref_tune = Stat.pooled([Stat.of(s, "t_tune") for ss in ref.values() for s in ss])

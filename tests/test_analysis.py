@@ -324,6 +324,36 @@ def test_departures_table(tmp_path):
     assert t.loc[("tune_samples=null", "+mask"), "tune time / default"] == "4.00"
 
 
+def test_weights_damp_table_compares_with_the_default_ridge(tmp_path):
+    """The ridge sweep runs only ``+weights``: its reference is the default ridge at that stage,
+    not the paper's pipeline (which the sweep does not run), and the table says so per row."""
+    from analysis.collect import collect
+    from analysis.make_tables import tables
+    from analysis.studies import departures_table
+
+    sweep = {"sweep": "weights_damp_cpu", "prune": {"tune": "weights"}}
+    runs = {}
+    for c in (0.3, 0.6):
+        runs.update(runs_of(**{
+            f"default{c}": three(0.80 + c / 10, constraint=c, **sweep),
+            f"small{c}": three(0.79 + c / 10, constraint=c,
+                               **{**sweep, "prune": {"tune": "weights",
+                                                     "tune_weight_damp": 0.01}})}))
+    runs["mask"] = record(constraint=0.6, pruned=0.5, sweep="ablation_cpu")  # another sweep
+    collected = collect(write(tmp_path, runs))
+    t = departures_table(collected, "weights_damp_cpu", "+weights").droplevel(["model", "task"])
+    assert list(t.index) == [("default", "+weights"), ("tune_weight_damp=0.01", "+weights")]
+    assert t.loc[("default", "+weights"), "vs default @0.6"] == ""
+    assert t.loc[("tune_weight_damp=0.01", "+weights"), "vs default @0.3"] == "-1.00 ± 0.00"
+    assert t.loc[("tune_weight_damp=0.01", "+weights"), "@0.6"] == "85.00 ± 1.00"
+    assert t.loc[("tune_weight_damp=0.01", "+weights"), "tune time / default"] == "1.00"
+    # against the paper's stage (not in this sweep) there is nothing to compare with
+    plain = departures_table(collected, "weights_damp_cpu").droplevel(["model", "task"])
+    assert plain.loc[("tune_weight_damp=0.01", "+weights"), "vs default @0.3"] == "--"
+    (_, made), = tables(collected)["weights_damp"]
+    assert made.equals(departures_table(collected, "weights_damp_cpu", "+weights"))
+
+
 def test_comparisons_are_paired_on_common_seeds(tmp_path):
     """The audit's case: a 3-seed variant against a 5-seed default. Unpaired, the default's
     two extra (lucky) seeds made the variant look 0.26 worse; paired on seeds 0-2 it is the
