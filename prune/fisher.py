@@ -43,7 +43,7 @@ from transformers.utils.logging import tqdm
 
 from prune.arch import Adapter
 from prune.errors import PruneError
-from prune.masks import Masks, apply_masks
+from prune.masks import Masks, apply_masks, spread_rows
 from prune.runtime import LABEL_KEYS, eval_mode, to_device, without_labels
 
 AMP_MODES = ("auto", "bf16", "off")
@@ -83,6 +83,12 @@ class Fisher:
         return cls(state["head_grads"], state["neuron_grads"], int(state["num_samples"]),
                    state.get("rows", "batch"))
 
+    def spread(self, kept: Masks) -> "Fisher":
+        """The Fisher of a physically pruned model (each layer's kept units first,
+        ``prune.masks.apply_masks``) in the unpruned model's layout: zero for pruned units."""
+        return replace(self, head_grads=spread_rows(self.head_grads, kept.head),
+                       neuron_grads=spread_rows(self.neuron_grads, kept.neuron))
+
     @classmethod
     def concat(cls, parts: list["Fisher"]) -> "Fisher":
         return replace(parts[0], head_grads=torch.cat([p.head_grads for p in parts]),
@@ -119,8 +125,12 @@ def _ones(adapter: Adapter, batch: int | None, device: torch.device) -> Masks:
 
 
 def _grads(output: torch.Tensor, masks: Masks, retain: bool = False):
-    g_head, g_neuron = torch.autograd.grad(output, [masks.head, masks.neuron],
-                                           retain_graph=retain)
+    """The gradients of ``output`` to the masks (zero for a mask that no layer used: a
+    physically pruned model with no head, or no neuron, left anywhere)."""
+    grads = torch.autograd.grad(output, [masks.head, masks.neuron], retain_graph=retain,
+                                allow_unused=True)
+    g_head, g_neuron = (torch.zeros_like(m) if g is None else g
+                        for g, m in zip(grads, (masks.head, masks.neuron), strict=True))
     return g_head.detach().float(), g_neuron.detach().float()
 
 

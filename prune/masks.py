@@ -98,17 +98,37 @@ def apply_masks(
     gradients (the Fisher pass) and in-place edits take effect on the next forward. Masks may
     also carry a batch dimension, ``[L, B, H]`` and ``[L, B, N]``: one mask per sample, whose
     gradients are the per-sample gradients.
+
+    On a physically pruned model (``prune.physical.prune_model``) a layer with ``h`` heads and
+    ``n`` neurons left takes the first ``h`` and ``n`` entries of its mask rows (the kept units
+    in their original order; ``spread_rows`` puts them back); a layer with none left takes
+    none.
     """
     handles = []
     if masks is not None:
         for i in range(adapter.num_layers) if layers is None else layers:
             attn_out = adapter.module(model, i, "attn_out")
             ffn_out = adapter.module(model, i, "ffn_out")
-            handles.append(attn_out.register_forward_pre_hook(
-                _scale_hook(masks.head[i], adapter.head_size)))
-            handles.append(ffn_out.register_forward_pre_hook(_scale_hook(masks.neuron[i], 1)))
+            heads = attn_out.in_features // adapter.head_size
+            if heads:
+                handles.append(attn_out.register_forward_pre_hook(
+                    _scale_hook(masks.head[i][..., :heads], adapter.head_size)))
+            if ffn_out.in_features:
+                handles.append(ffn_out.register_forward_pre_hook(
+                    _scale_hook(masks.neuron[i][..., :ffn_out.in_features], 1)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def spread_rows(rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[..., L, U]`` in a physically pruned model's layout (each layer's kept units
+    first, in order) put back at the kept units' positions (``kept`` ``[L, U]`` nonzero), with
+    zeros at the pruned ones."""
+    out = torch.zeros_like(rows)
+    for layer in range(kept.shape[0]):
+        index = kept[layer].nonzero().flatten().to(rows.device)
+        out[..., layer, index] = rows[..., layer, :index.numel()]
+    return out

@@ -22,6 +22,7 @@ the paper. The modes that may fall back on held-out samples (``bias``, ``weights
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -163,7 +164,9 @@ def prune_masks(
     unit's importance is that of removing it from the pruned, reconstructed model), keeps only
     units the previous step kept, and searches, rearranges and tunes again. Tuning always fits
     the unpruned model's outputs from the original weights. Each extra step costs one more
-    Fisher pass and one more tuning; the result's timings add them up.
+    Fisher pass, on a physically pruned copy of the model the previous step made (the masked
+    model's gradients at the smaller model's cost; with ``opts.obs``, on the masked model), and
+    one more tuning; the result's timings add them up.
 
     ``opts.obs`` (beyond the paper, ``prune.obs``): each step's importance is discounted by the
     share of a unit's removal error that refitting the rest of its layer cannot recover
@@ -175,7 +178,12 @@ def prune_masks(
     timings: dict[str, float] = {"fisher": 0.0}
     result: PruneResult | None = None
     for step, target in enumerate(step_constraints(constraint, opts.steps)):
-        if result is not None:  # the importance of the units of the model just made
+        if result is not None and not opts.obs:  # the units of the model just made
+            with timed(timings, "fisher"):
+                fisher = _pruned_fisher(model, adapter, result, sample_batches, opts,
+                                        progress, seed + step)
+            used = fisher
+        elif result is not None:  # the OBS discount needs the model in its full shape
             current = result.masks.to(model_device(model))
             with apply_masks(model, adapter, current), \
                     applied_weights(model, adapter, current, result.weights):
@@ -194,6 +202,21 @@ def prune_masks(
         result = _one_step(model, adapter, sample_batches, cost, target, opts, used, kept,
                            timings, progress)
     return result
+
+
+def _pruned_fisher(model, adapter, result: PruneResult, sample_batches, opts: PruneOptions,
+                   progress: bool, seed: int) -> Fisher:
+    """The Fisher of the model a step made (its masks and tuned weights), measured on a
+    physically pruned copy: the gradients of the masked model up to float rounding, at the
+    cost of the smaller model; zero for the units it pruned."""
+    from prune.physical import prune_model
+
+    pruned = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights,
+                         allow_empty=True)
+    fisher = compute_fisher(pruned, adapter, sample_batches, progress, opts.amp,
+                            opts.importance, seed)
+    del pruned
+    return fisher.spread(result.masks.kept())
 
 
 def _discounted(model, adapter, sample_batches, fisher: Fisher, opts: PruneOptions,

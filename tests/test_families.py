@@ -198,3 +198,38 @@ def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, tmp
     save_pruned(pruned, tmp_path / "pruned")
     reloaded = load_pruned(tmp_path / "pruned")
     assert torch.allclose(outputs(reloaded, batches[0]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("importance", ["fisher", "fisher_unlabeled"])
+def test_fisher_of_the_physically_pruned_model_equals_the_masked_one(family, importance):
+    """A later step of iterative pruning measures the Fisher on a physically pruned copy (the
+    cost of the smaller model): each kept unit's gradients equal those of the masked model
+    with the same tuned weights (a layer without heads and one without neurons included), and
+    the pruned units' are zero."""
+    from prune import PruneOptions, TuneOptions
+    from prune.pipeline import PruneResult, _pruned_fisher
+    from prune.tune import applied_weights, tune_masks
+
+    model = tiny_model(family, layers=3, num_labels=3)
+    adapter = get_adapter(model)
+    masks = head_masks(adapter, [[0.0] * 4, [0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
+    masks.neuron[1] = 0.0
+    batches = tiny_batches(3, num_labels=3)
+    tuned = tune_masks(model, adapter, masks, batches, options=TuneOptions(mode="weights"),
+                       progress=False)
+    with apply_masks(model, adapter, tuned.masks), \
+            applied_weights(model, adapter, tuned.masks, tuned.weights):
+        masked = compute_fisher(model, adapter, batches, progress=False, importance=importance,
+                                seed=3)
+    result = PruneResult(tuned.masks, masks, None, masked, weights=tuned.weights)
+    assert tuned.weights, "weights mode must rewrite some projections"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = _pruned_fisher(model, adapter, result, batches,
+                            PruneOptions(importance=importance), False, 3)
+    kept = tuned.masks.kept()
+    assert pruned.head_grads.shape == masked.head_grads.shape
+    assert torch.allclose(pruned.head_grads, masked.head_grads * kept.head, atol=1e-5)
+    assert torch.allclose(pruned.neuron_grads, masked.neuron_grads * kept.neuron, atol=1e-5)
+    assert pruned.head_importance[0].abs().sum() == 0 and pruned.neuron_importance[1].sum() == 0
+    assert masked.head_importance[kept.head != 0].min() > 0  # the comparison is not vacuous
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
