@@ -99,7 +99,7 @@ def row_of(data: dict, path: Path) -> dict:
         "tune_samples": tuned_on(prune.get("tune_samples"), r.num_samples),
         "fisher_key": cache.get("key"), "fisher_cache_hit": cache.get("hit"),
         "fisher_got": cache.get("seconds"),  # computing it, or loading it on a cache hit
-        "sweeps": (r.config or {}).get("sweep_name") or "",
+        "sweeps": ",".join(data.get("_sweeps") or [(r.config or {}).get("sweep_name") or ""]),
         "complete": r.complete,  # false: masks or model not (yet) saved
         "path": str(path.parent),
         "_identity": setting, "_departures": departures_of(settings),
@@ -135,7 +135,7 @@ def _newest(group: pd.DataFrame) -> pd.Series:
     computed = group["fisher_seconds"].dropna()
     if pd.isna(row["fisher_seconds"]) and len(computed):
         row["fisher_seconds"] = computed.iloc[-1]
-    row["sweeps"] = ",".join(sorted({s for s in group["sweeps"] if s}))
+    row["sweeps"] = ",".join(sorted({s for v in group["sweeps"] for s in str(v).split(",") if s}))
     row["repeats"] = len(group)
     return row
 

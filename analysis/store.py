@@ -67,13 +67,26 @@ def read(path: str | Path = STORE) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def sweeps_of(record: dict) -> list[str]:
+    """The sweeps a stored run belongs to: its own, and those of the repeats it replaced."""
+    own = (record.get("config") or {}).get("sweep_name")
+    return sorted({*(record.get("_sweeps") or []), *([own] if own else [])})
+
+
 def merge(stored: list[dict], new: list[dict]) -> list[dict]:
-    """``stored`` with ``new`` added; of two records of one run, the newer one."""
+    """``stored`` with ``new`` added; of two records of one run, the newer one, which keeps the
+    sweeps of both (``_sweeps``): a run repeated by another sweep still counts in the first."""
     runs: dict[str, dict] = {}
     for record in [*stored, *new]:
         key = run_key(record)
-        if key not in runs or record.get("_written", 0) >= runs[key].get("_written", 0):
+        if key not in runs:
             runs[key] = record
+            continue
+        newer, older = ((record, runs[key])
+                        if record.get("_written", 0) >= runs[key].get("_written", 0)
+                        else (runs[key], record))
+        sweeps = sorted({*sweeps_of(newer), *sweeps_of(older)})
+        runs[key] = {**newer, "_sweeps": sweeps} if len(sweeps) > 1 else newer
     return sorted(runs.values(), key=lambda r: (r["model"], r["task"], r.get("_source", ""),
                                                  float(r["constraint"])))
 

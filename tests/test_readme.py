@@ -70,6 +70,30 @@ def test_store_keeps_every_run_and_the_newer_record_of_one(tmp_path):
     assert sorted(runs["code"]) == ["c0de", "c0de", "other"]  # never pooled across code
 
 
+def test_a_run_repeated_by_another_sweep_still_counts_in_the_first():
+    """The same run made by two sweeps (e.g. the iterative sweep's default and the ablation's
+    ``+weights``) is stored once, as its newer record, and belongs to both sweeps: a table of the
+    first sweep must still find it, however the records arrive."""
+    from test_analysis import record
+
+    from analysis.tables import select
+
+    first = store.compact(record(pruned=0.80, sweep="iterative_cpu"), "a", 1.0)
+    again = store.compact(record(pruned=0.81, sweep="ablation_cpu"), "b", 2.0)
+    other = store.compact(record(pruned=0.70, seed=1, sweep="iterative_cpu"), "a", 1.0)
+    for stored, new in (([first, other], [again]), ([again], [first, other]),
+                        (store.merge([first, other], [again]), [first])):
+        merged = store.merge(stored, new)
+        assert len(merged) == 2
+        one = next(r for r in merged if r["seed"] == 0)
+        assert one["pruned"]["accuracy"] == 0.81 and one["_sweeps"] == ["ablation_cpu",
+                                                                          "iterative_cpu"]
+        runs = collect(records=merged)
+        assert sorted(runs["sweeps"]) == ["ablation_cpu,iterative_cpu", "iterative_cpu"]
+        assert list(select(runs, sweep="iterative_cpu")["seeds"]) == ["0,1"]
+    assert "_sweeps" not in store.merge([other], [])[0]
+
+
 def test_the_readme_library_example_runs(tmp_path):
     """The README's "Use as a library" code, run as written on a tiny model and batches."""
     from conftest import tiny_batches, tiny_model, write_tokenizer
