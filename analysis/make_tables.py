@@ -73,7 +73,9 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
         "samples": [("samples", samples_table(runs))],
         "tune_samples": [("tune_samples", tune_samples_table(runs))],
         "frontier": [("frontier", frontier_table(runs))],
-        "methods": [("high-compression methods", methods_table(runs))],
+        "methods": [("high-compression methods", methods_table(runs)),
+                    ("high-compression methods on MPNet-base",
+                     methods_table(runs, "frontier_mpnet"))],
     }
 
 
