@@ -55,6 +55,8 @@ def one_line(out: str, marker: str) -> str:
 # --- 1. Ctrl-C during a family -------------------------------------------------------------
 
 CTRL_C_AT_SECOND = """
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even when the
+# suite itself runs in the background (``nohup ... &`` starts it with SIGINT ignored)
 real = runner.prune_one
 def prune_one(plan, loaded, constraint, *args):
     if constraint == 0.5:  # Ctrl-C once the first constraint is saved
