@@ -65,6 +65,8 @@ def row_of(data: dict, path: Path) -> dict:
     """One run (a ``results.json`` of any schema) as a flat row: labels, numbers, and its
     identity (hidden columns). ``code`` is the digest of the source that made it (``unknown``
     for records made before digests existed)."""
+    from analysis.store import sweeps_of
+
     r = Record.from_dict(data)
     identity = identity_of(data)
     setting = setting_of(identity)
@@ -99,7 +101,7 @@ def row_of(data: dict, path: Path) -> dict:
         "tune_samples": tuned_on(prune.get("tune_samples"), r.num_samples),
         "fisher_key": cache.get("key"), "fisher_cache_hit": cache.get("hit"),
         "fisher_got": cache.get("seconds"),  # computing it, or loading it on a cache hit
-        "sweeps": ",".join(data.get("_sweeps") or [(r.config or {}).get("sweep_name") or ""]),
+        "sweeps": ",".join(sweeps_of(data)),
         "complete": r.complete,  # false: masks or model not (yet) saved
         "path": str(path.parent),
         "_identity": setting, "_departures": departures_of(settings),
