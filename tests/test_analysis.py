@@ -544,10 +544,11 @@ def test_notebook_runs_headless(results, tmp_path):
 
 
 def test_frontier_table(tmp_path):
-    """The smallest constraint within 3 points of the baseline per stage, its measured speedup,
-    and the geometric mean over tasks (only when every task has one)."""
+    """The smallest constraint within 3 points of the baseline per stage and method, its
+    measured speedup, the geometric mean over tasks (only when every task has one), and per
+    task the largest speedup over every stage and method."""
     from analysis.collect import collect
-    from analysis.studies import frontier_table
+    from analysis.studies import frontier_best, frontier_table
 
     runs = {}
     for c, mask, weights in ((0.1, 0.40, 0.80), (0.2, 0.70, 0.875), (0.3, 0.875, 0.89)):
@@ -556,16 +557,32 @@ def test_frontier_table(tmp_path):
             f"w{c}": three(weights, constraint=c, latency=c + 0.1, prune={"tune": "weights"}),
             f"r{c}": three(weights, constraint=c, task="rte", latency=c + 0.15,
                            prune={"tune": "weights"})}))
-    table = frontier_table(collect(write(tmp_path, runs)))
-    mask = table.loc[("minilm", "sst2", "+mask")]
+    # iterative pruning reaches 0.1 on sst2 (timed); another departure is not a method
+    runs.update(runs_of(
+        i1=three(0.88, constraint=0.1, latency=0.125, prune={"tune": "weights", "steps": 2}),
+        g1=three(0.89, constraint=0.1, latency=0.11, prune={"tune": "weights",
+                                                           "granularity": 1})))
+    collected = collect(write(tmp_path, runs))
+    table = frontier_table(collected)
+    mask = table.loc[("minilm", "sst2", "+mask", "default")]
     assert (mask["lowest FLOPs within"], mask["pruned there"], mask["speedup"]) == \
         ("0.3", "87.50 ± 1.00", "2.50x")
-    weights = table.loc[("minilm", "sst2", "+weights")]
+    weights = table.loc[("minilm", "sst2", "+weights", "default")]
     assert (weights["lowest FLOPs within"], weights["speedup"]) == ("0.2", "3.33x")
-    rte = table.loc[("minilm", "rte", "+weights")]
+    rte = table.loc[("minilm", "rte", "+weights", "default")]
     assert rte["lowest FLOPs within"] == "0.2" and rte["speedup"] == "2.86x"
     assert weights["geomean speedup"] == "3.09x"  # sqrt(3.33 * 2.86)
     assert mask["geomean speedup"] == "2.50x"  # the only task with +mask runs
+    steps = table.loc[("minilm", "sst2", "+weights", "steps=2")]
+    assert (steps["lowest FLOPs within"], steps["speedup"]) == ("0.1", "8.00x")
+    assert not any("granularity" in str(m) for m in table.index.get_level_values("method"))
+    assert list(table.index.get_level_values("method")[:3]) == ["default"] * 3  # rte, then sst2
+
+    best = frontier_best(collected)
+    sst2, rte = best.loc[("minilm", "sst2")], best.loc[("minilm", "rte")]
+    assert (sst2["stage"], sst2["method"], sst2["speedup"]) == ("+weights", "steps=2", "8.00x")
+    assert (rte["method"], rte["speedup"]) == ("default", "2.86x")
+    assert sst2["geomean speedup"] == "4.78x" and sst2["tasks"] == "2"  # sqrt(8.00 * 2.857)
 
 
 def test_second_metric_table(tmp_path):
