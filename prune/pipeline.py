@@ -38,7 +38,14 @@ from prune.masks import Masks, apply_masks
 from prune.obs import discounted, unrecovered
 from prune.rearrange import rearrange_masks
 from prune.runtime import model_device
-from prune.search import check_constraint, check_granularity, search_masks
+from prune.search import (
+    check_constraint,
+    check_floor,
+    check_granularity,
+    check_layer_floor,
+    floored,
+    search_masks,
+)
 from prune.tune import (
     TUNE_MODES,
     TunedWeights,
@@ -73,6 +80,7 @@ class PruneOptions:
     tune_holdout: int = 128  # samples after those, to check bias/weight solutions on
     steps: int = 1  # 1: one shot (the paper); k: k steps, importance re-measured after each
     obs: bool = False  # discount importance by what reconstruction recovers (prune.obs)
+    layer_floor: float = 0.0  # each layer keeps at least this share of its heads and neurons
 
     def __post_init__(self):
         choices = (("importance", IMPORTANCE), ("amp", AMP_MODES), ("tune_teacher", TEACHERS))
@@ -89,6 +97,7 @@ class PruneOptions:
         _positive_int("rearrange_sweeps", self.rearrange_sweeps)
         _positive_int("steps", self.steps)
         check_granularity(self.granularity)
+        check_layer_floor(self.layer_floor)
         _positive_int("tune_holdout", self.tune_holdout, zero=True)
         if self.tune_samples is not None:
             _positive_int("tune_samples", self.tune_samples, hint=", or null to tune on all "
@@ -171,6 +180,11 @@ def prune_masks(
     ``opts.obs`` (beyond the paper, ``prune.obs``): each step's importance is discounted by the
     share of a unit's removal error that refitting the rest of its layer cannot recover
     (``prune.obs.unrecovered``), so units that others can stand in for go first.
+
+    ``opts.layer_floor = f`` (beyond the paper, ``prune.layer_floor``): every step's search
+    keeps at least the share ``f`` of each layer's heads and FFN neurons, the layer's most
+    important ones (``prune.search.floored``), so no layer is emptied; ``PruneError`` when the
+    floor alone exceeds the budget.
     """
     constraint = check_constraint(constraint)
     opts = opts or PruneOptions()
@@ -250,7 +264,11 @@ def _one_step(model, adapter, sample_batches, cost, constraint, opts, fisher, ke
         heads, neurons = fisher.head_importance, fisher.neuron_importance
         if kept is not None:
             heads, neurons = _only(heads, kept.head), _only(neurons, kept.neuron)
+        if opts.layer_floor:
+            heads, neurons = floored(heads, neurons, opts.layer_floor, opts.granularity, kept)
         searched = search_masks(heads, neurons, cost, constraint, granularity=opts.granularity)
+        if opts.layer_floor:
+            check_floor(searched, opts.layer_floor, opts.granularity)
     rearranged = None
     masks = searched
     if opts.rearrange:

@@ -21,6 +21,7 @@ CASES = [
     ("float-sample-count", ["prune.num_samples=1e3"],
      r"prune.num_samples=1000.0: write it as a whole number \(prune.num_samples=1000\)"),
     ("bad-granularity", ["prune.granularity=0"], r"granularity=0: use a positive integer"),
+    ("bad-layer-floor", ["prune.layer_floor=1.5"], r"layer_floor=1.5: use a number in \[0, 1\)"),
     # the tuning solve's options (the library's TuneOptions) under their flat config keys
     ("negative-tune-damp", ["prune.tune_damp=-1"], r"^prune.tune_damp=-1.0: use a damping >= 0"),
     ("bad-tune-solver", ["prune.tune_solver=qr"],

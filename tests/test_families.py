@@ -4,6 +4,7 @@ and unsupported architectures are refused with one line."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -175,20 +176,26 @@ def test_tuned_masks_and_weights_prune_to_the_same_model(family):
     assert torch.allclose(outputs(pruned, batches[0]), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("obs", [False, True])
-def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, tmp_path):
+@pytest.mark.parametrize("obs,floor", [(False, 0.0), (True, 0.0), (False, 0.2)])
+def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, floor, tmp_path):
     """``steps=2`` with weight reconstruction (and with the reconstruction-aware importance,
-    ``obs``): the masked model with its tuned weights, the physically pruned one and its
-    reloaded copy compute the same outputs."""
+    ``obs``, or a floor per layer, ``layer_floor``): the masked model with its tuned weights,
+    the physically pruned one and its reloaded copy compute the same outputs; with the floor
+    every layer keeps at least 20% of its heads and neurons."""
     from prune import PruneOptions, TuneOptions, flops_cost, prune_masks
     from prune.tune import applied_weights
 
     model = tiny_model(family, layers=3)
     adapter = get_adapter(model)
     batches = tiny_batches(4, batch=8)
-    opts = PruneOptions(tune=TuneOptions(mode="weights"), steps=2, granularity=1, obs=obs)
+    opts = PruneOptions(tune=TuneOptions(mode="weights"), steps=2, granularity=1, obs=obs,
+                        layer_floor=floor)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10), 0.4, opts,
                          progress=False)
+    if floor:
+        assert min(result.masks.heads_per_layer()) >= math.ceil(floor * result.masks.head.shape[1])
+        assert min(result.masks.neurons_per_layer()) >= \
+            math.ceil(floor * result.masks.neuron.shape[1])
     assert result.weights, "weights mode must rewrite some projections"
     with apply_masks(model, adapter, result.masks), \
             applied_weights(model, adapter, result.masks, result.weights):

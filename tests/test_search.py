@@ -207,3 +207,79 @@ def test_latency_search_with_a_zero_threshold_respects_the_budget(seed, constrai
                          constraint)
     assert cost.total(masks.heads_per_layer(), masks.neurons_per_layer()) <= \
         constraint * cost.full * (1 + 1e-9)
+
+
+def test_floor_counts_round_up_to_an_allowed_width():
+    from prune.search import floor_counts
+
+    assert floor_counts(12, 0.0) == 0
+    assert floor_counts(12, 0.1) == 2  # ceil(1.2)
+    assert floor_counts(12, 0.25) == 3  # exact, no rounding up
+    assert floor_counts(3072, 0.05, 8) == 160  # ceil(153.6) = 154, up to a multiple of 8
+    assert floor_counts(20, 0.5, 8) == 16  # 10 -> 16
+    assert floor_counts(20, 0.9, 8) == 20  # 18 -> the full width (20 is not a multiple of 8)
+
+
+@pytest.mark.parametrize("granularity", [1, 4])
+@pytest.mark.parametrize("constraint", [0.27, 0.3])
+def test_layer_floor_keeps_the_most_important_units_of_a_layer_the_search_would_empty(
+        granularity, constraint):
+    """Layer 2's units are the least important: the plain search empties it; with a floor of
+    a quarter it keeps its most important quarter of heads and neurons, the budget still
+    holds, and the rest of the budget goes to the other layers by importance."""
+    from prune.search import floored
+
+    g = torch.Generator().manual_seed(3)
+    cost = cost_for(neurons=64)
+    head_imp, neuron_imp = torch.rand(3, 4, generator=g) + 1, torch.rand(3, 64, generator=g) + 1
+    head_imp[2] *= 1e-3
+    neuron_imp[2] *= 1e-3
+    plain = search_masks(head_imp, neuron_imp, cost, constraint, granularity=granularity)
+    assert plain.heads_per_layer()[2] == 0 and plain.neurons_per_layer()[2] == 0
+    masks = search_masks(*floored(head_imp, neuron_imp, 0.25, granularity), cost, constraint,
+                         granularity=granularity)
+    assert masks.heads_per_layer()[2] == 1 and masks.neurons_per_layer()[2] == 16
+    assert masks.head[2, int(head_imp[2].argmax())] == 1
+    assert set(masks.neuron[2].nonzero().flatten().tolist()) == \
+        set(torch.topk(neuron_imp[2], 16).indices.tolist())
+    assert cost.total(masks.heads_per_layer(), masks.neurons_per_layer()) <= \
+        constraint * cost.full * (1 + 1e-9)
+    # outside layer 2 the floor changes nothing but the budget left: the kept units there are
+    # still the most important ones of their layer
+    for layer in (0, 1):
+        k = masks.neurons_per_layer()[layer]
+        assert set(masks.neuron[layer].nonzero().flatten().tolist()) == \
+            set(torch.topk(neuron_imp[layer], k).indices.tolist())
+
+
+def test_layer_floor_counts_only_units_a_previous_step_kept():
+    from prune.masks import Masks
+    from prune.search import floored
+
+    heads = torch.tensor([[5.0, 4.0, 3.0, 2.0]])
+    neurons = torch.tensor([[1.0, 2.0]])
+    kept = Masks(torch.tensor([[0.0, 1.0, 1.0, 1.0]]), torch.ones(1, 2))
+    out, n_out = floored(heads, neurons, 0.5, kept=kept)
+    total = float(heads.sum() + neurons.sum())
+    assert out[0, 0] == 5.0  # pruned before: never lifted
+    assert out[0, 1] > total and out[0, 2] > total and out[0, 3] == 2.0
+    assert n_out[0, 0] == 1.0 and n_out[0, 1] > total
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, "a", True])
+def test_bad_layer_floor_is_rejected(bad):
+    from prune import PruneOptions
+
+    with pytest.raises(PruneError, match=r"layer_floor=.*: use a number in \[0, 1\)"):
+        PruneOptions(layer_floor=bad)
+
+
+def test_a_floor_the_budget_cannot_hold_stops_with_the_fix():
+    """A floor of 90% of every layer cannot fit in 30% of the cost: one line naming the fix."""
+    from prune.search import check_floor, floored
+
+    cost = cost_for()
+    head_imp, neuron_imp = torch.rand(3, 4) + 1, torch.rand(3, 16) + 1
+    masks = search_masks(*floored(head_imp, neuron_imp, 0.9), cost, 0.3)
+    with pytest.raises(PruneError, match="lower prune.layer_floor or raise the constraint"):
+        check_floor(masks, 0.9)
