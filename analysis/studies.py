@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from analysis.identity import DEFAULT_STAGE, STAGES, prune_defaults, show
+from analysis.identity import DEFAULT_STAGE, STAGES, prune_defaults, short_hash, show
 from analysis.stats import Stat
 from analysis.tables import (
     VARIANT_KEYS,
@@ -222,14 +222,18 @@ def _frontier_rows(runs: pd.DataFrame, within: float) -> list[dict]:
     sel = select(runs, stages=[DEFAULT_STAGE, "+weights"], departures=set(METHOD_KEYS))
     if sel.empty:
         return []
+    # runs on two checkpoints of one task (a re-made fine-tune) are never pooled
+    sel = sel.assign(_checkpoint=sel["_identity"].map(
+        lambda i: short_hash(i.get("checkpoint"), 6)))
     rows = []
-    for (model, task, stage, method), part in sel.groupby(["model", "task", "stage", "variant"]):
+    for (model, task, stage, method, checkpoint), part in sel.groupby(
+            ["model", "task", "stage", "variant", "_checkpoint"]):
         base = Stat.pooled([Stat.of(s, "baseline") for _, s in part.iterrows()]).mean
         ok = part[part["pruned_mean"] >= base - within]  # of one constraint, a timed setting
         ok = ok.assign(_timed=ok["speedup_n"] > 0).sort_values(["constraint", "_timed"],
                                                                ascending=[True, False])
         row = {"model": model, "task": task, "stage": stage, "method": method,
-               "baseline": f"{base:.2f}",
+               "checkpoint": checkpoint, "baseline": f"{base:.2f}",
                "constraints": ",".join(f"{c:g}" for c in sorted(part["constraint"].unique())),
                "lowest FLOPs within": "--", "pruned there": "--", "speedup": "--", "_speed": None}
         if not ok.empty:
@@ -260,7 +264,7 @@ def frontier_table(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
             f"{_geomean(speeds):.2f}x" if speeds and len(speeds) == len(part) else "--"
     table = table.drop(columns="_speed")
     table["_order"] = table["method"] != "default"
-    table = table.sort_values(["model", "task", "stage", "_order", "method"])
+    table = table.sort_values(["model", "task", "stage", "_order", "method", "checkpoint"])
     table = table.drop(columns="_order")
     return table.set_index(["model", "task", "stage", "method"])
 
@@ -280,7 +284,8 @@ def frontier_best(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
         if key not in best or r["_speed"] > best[key]["_speed"]:
             best[key] = r
     table = pd.DataFrame([{"model": r["model"], "task": r["task"], "stage": r["stage"],
-                           "method": r["method"], "baseline": r["baseline"],
+                           "method": r["method"], "checkpoint": r["checkpoint"],
+                           "baseline": r["baseline"],
                            "lowest FLOPs within": r["lowest FLOPs within"],
                            "pruned there": r["pruned there"], "speedup": r["speedup"],
                            "_speed": r["_speed"]} for r in best.values()])

@@ -561,7 +561,11 @@ def test_frontier_table(tmp_path):
     runs.update(runs_of(
         i1=three(0.88, constraint=0.1, latency=0.125, prune={"tune": "weights", "steps": 2}),
         g1=three(0.89, constraint=0.1, latency=0.11, prune={"tune": "weights",
-                                                           "granularity": 1})))
+                                                           "granularity": 1}),
+        # a re-made fine-tune of qnli (another checkpoint, another baseline): never pooled
+        q1=three(0.80, constraint=0.5, task="qnli", latency=0.6, baseline=0.82),
+        q2=three(0.70, constraint=0.5, task="qnli", latency=0.6, baseline=0.95,
+                 checkpoint="c1")))
     collected = collect(write(tmp_path, runs))
     table = frontier_table(collected)
     mask = table.loc[("minilm", "sst2", "+mask", "default")]
@@ -572,17 +576,22 @@ def test_frontier_table(tmp_path):
     rte = table.loc[("minilm", "rte", "+weights", "default")]
     assert rte["lowest FLOPs within"] == "0.2" and rte["speedup"] == "2.86x"
     assert weights["geomean speedup"] == "3.09x"  # sqrt(3.33 * 2.86)
-    assert mask["geomean speedup"] == "2.50x"  # the only task with +mask runs
+    assert mask["geomean speedup"] == "--"  # qnli's second checkpoint has no speedup within
     steps = table.loc[("minilm", "sst2", "+weights", "steps=2")]
     assert (steps["lowest FLOPs within"], steps["speedup"]) == ("0.1", "8.00x")
     assert not any("granularity" in str(m) for m in table.index.get_level_values("method"))
-    assert list(table.index.get_level_values("method")[:3]) == ["default"] * 3  # rte, then sst2
+    qnli = table.loc[("minilm", "qnli", "+mask", "default")]
+    assert sorted(qnli["baseline"]) == ["82.00", "95.00"]  # one row per checkpoint
+    assert sorted(qnli["lowest FLOPs within"]) == ["--", "0.5"]
+    assert list(table.index.get_level_values("method")[:5]) == ["default"] * 5  # qnli, rte, sst2
 
     best = frontier_best(collected)
     sst2, rte = best.loc[("minilm", "sst2")], best.loc[("minilm", "rte")]
     assert (sst2["stage"], sst2["method"], sst2["speedup"]) == ("+weights", "steps=2", "8.00x")
     assert (rte["method"], rte["speedup"]) == ("default", "2.86x")
-    assert sst2["geomean speedup"] == "4.78x" and sst2["tasks"] == "2"  # sqrt(8.00 * 2.857)
+    assert best.loc[("minilm", "qnli")]["baseline"] == "82.00"  # the checkpoint within 3
+    # (8.00 * 2.857 * 1.667) ** (1 / 3)
+    assert sst2["geomean speedup"] == "3.36x" and sst2["tasks"] == "3"
 
 
 def test_second_metric_table(tmp_path):
