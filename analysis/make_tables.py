@@ -77,7 +77,9 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
                      ("largest speedup within 3 points per task", frontier_best(runs))],
         "methods": [("high-compression methods", methods_table(runs)),
                     ("high-compression methods on MPNet-base",
-                     methods_table(runs, "frontier_mpnet"))],
+                     methods_table(runs, "frontier_mpnet")),
+                    ("a floor per layer on MPNet-base (prune.layer_floor)",
+                     methods_table(runs, "base_mpnet"))],
     }
 
 
