@@ -6,7 +6,8 @@ newer record; nothing else is dropped) and makes every table, and the README's r
 from the store alone, so a fresh clone reproduces them byte for byte.
 
 Records that a re-run on a new checkpoint replaced are moved by hand to ``superseded.jsonl``
-beside it (not tabled, kept): the MiniLM SST-2 records of another machine's fine-tune (2026-12-01).
+beside it (not tabled, kept): the MiniLM SST-2 and CoLA records of another machine's fine-tunes
+(replaced on 2026-12-01).
 
 A stored record is the run's ``results.json`` (``experiments.records.Record``) without the
 bulky parts no table reads (the resolved config is kept as its sweep name; the identity holds
