@@ -79,7 +79,9 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
                     ("high-compression methods on MPNet-base",
                      methods_table(runs, "frontier_mpnet")),
                     ("a floor per layer on MPNet-base (prune.layer_floor)",
-                     methods_table(runs, "base_mpnet"))],
+                     methods_table(runs, "base_mpnet")),
+                    ("a floor per layer with weight reconstruction on MPNet-base",
+                     methods_table(runs, "ablation_mpnet"))],
     }
 
 
