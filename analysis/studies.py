@@ -253,15 +253,17 @@ def frontier_table(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
     FLOPs constraint whose mean metric is within ``within`` points of the baseline, the metric
     there, and the measured speedup of that setting (batch 32, 128 tokens, CPU float32), with
     the geometric mean of the speedups over tasks per model, stage and method (only when every
-    task of the group has one)."""
+    task of the group has one, on one checkpoint)."""
     rows = _frontier_rows(runs, within)
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
     for _, part in table.groupby(["model", "stage", "method"]):
         speeds = [v for v in part["_speed"] if v is not None and not pd.isna(v)]
+        one_each = part["task"].nunique() == len(part)  # a task on two checkpoints: no mean
         table.loc[part.index, "geomean speedup"] = \
-            f"{_geomean(speeds):.2f}x" if speeds and len(speeds) == len(part) else "--"
+            f"{_geomean(speeds):.2f}x" if speeds and len(speeds) == len(part) and one_each \
+            else "--"
     table = table.drop(columns="_speed")
     table["_order"] = table["method"] != "default"
     table = table.sort_values(["model", "task", "stage", "_order", "method", "checkpoint"])
@@ -312,7 +314,8 @@ def pruning_seconds(runs: pd.DataFrame, setting: str) -> Stat:
 
 def methods_table(runs: pd.DataFrame, sweep: str = "iterative_cpu") -> pd.DataFrame:
     """The ``sweep``'s methods (iterative pruning ``prune.steps``, reconstruction-aware
-    importance ``prune.obs``, more tuning or Fisher samples) against its one-shot default, per
+    importance ``prune.obs``, a floor per layer ``prune.layer_floor``, more tuning or Fisher
+    samples) against its one-shot default, per
     stage and constraint: the pruned metric, its paired difference to the default, and the
     pruning time (``pruning_seconds``) against the default's. Takes ``collect``'s runs (times
     are per run)."""
