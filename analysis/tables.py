@@ -36,11 +36,16 @@ def paper_results() -> pd.DataFrame:
     return pd.read_csv(PAPER_CSV, comment="#")
 
 
+ADHOC = "adhoc"  # the sweep name of a run made without -m (conf/config.yaml)
+
+
 def select(runs: pd.DataFrame, kind: str | None = "flops", stages: list[str] | None = None,
            variants: list[str] | None = None, departures: set[str] | None = None,
-           sweep: str | None = None) -> pd.DataFrame:
+           sweep: str | None = None, adhoc: bool = False) -> pd.DataFrame:
     """Settings (``summarize`` rows) of one constraint kind, stage, variant; ``departures``:
-    settings that depart from the defaults (no preset) in these prune options at most."""
+    settings that depart from the defaults (no preset) in these prune options at most. A
+    single run outside any sweep (``sweep_name=adhoc``, e.g. a ``make demo`` check) is left out
+    unless ``adhoc``: it is shown by ``demo_table`` alone."""
     s = summarize(runs)
     if s.empty:
         return s
@@ -56,6 +61,8 @@ def select(runs: pd.DataFrame, kind: str | None = "flops", stages: list[str] | N
         keep &= s["_identity"].map(lambda i: (i["settings"].get("preset") or "none") == "none")
     if sweep is not None:
         keep &= s["sweeps"].map(lambda x: sweep in str(x).split(","))
+    if not adhoc:
+        keep &= s["sweeps"].map(lambda x: set(str(x).split(",")) != {ADHOC})
     return s[keep].copy()
 
 

@@ -16,7 +16,7 @@ OFFICIAL = yaml.safe_load((ROOT / "conf" / "preset" / "official.yaml").read_text
 
 
 def record(model="minilm", task="sst2", constraint=0.6, seed=0, pruned=0.88, baseline=0.9,
-           prune=None, kind="flops", preset="none", sweep="adhoc", checkpoint="c0", data="d0",
+           prune=None, kind="flops", preset="none", sweep="main_cpu", checkpoint="c0", data="d0",
            latency=None, max_samples=None, fisher=None, t_tune=20.0, device="cpu",
            code="c0de"):
     """A record as the runner writes it: ``prune`` overrides the schema's prune defaults,
@@ -251,6 +251,27 @@ def test_same_labels_other_checkpoint_are_two_rows_of_the_main_table(results):
     assert len(main) == 2
     assert sorted(main["ours @0.6"]) == ["70.00 ± 1.00", "86.00 ± 1.00"]
     assert main.index.str.startswith("checkpoint=").all()
+
+
+def test_a_single_run_outside_a_sweep_is_the_demo_row_and_no_other(results):
+    """``make demo`` (sweep ``adhoc``) on another checkpoint made a one-seed row of the main and
+    frontier tables; it belongs to the demo table alone."""
+    from analysis.collect import collect
+    from analysis.studies import frontier_table
+    from analysis.tables import demo_table, goals_table, main_table
+
+    demo = record(pruned=0.87, checkpoint="c9", sweep="adhoc", code="c0de2")
+    runs = collect(write(results, {"demo": demo}))
+    shown = demo_table(runs)
+    assert len(shown) == 2 and sorted(shown["pruned"]) == ["85.00", "87.00"]
+    main = main_table(runs).loc[("minilm", "sst2", "accuracy")]
+    assert main["ours @0.6"] == "86.00 ± 1.00"  # one row: the sweep's, no "(n=1)" beside it
+    assert "87.00" not in goals_table(runs).to_string()
+    assert len(frontier_table(runs).loc[("minilm", "sst2")]) == 1
+    # the same run inside a sweep is a row of its own (another checkpoint)
+    runs = collect(write(results, {"demo": {**demo, "config": {**demo["config"],
+                                                                 "sweep_name": "main_cpu"}}}))
+    assert len(main_table(runs).loc[("minilm", "sst2", "accuracy")]) == 2
 
 
 def test_ablation_table_and_steps(results):
