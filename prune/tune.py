@@ -16,6 +16,16 @@ Modes (``TuneOptions.mode``), each a superset of the previous:
   solution (ridge ``weight_damp * mean(diag)`` of the input Gram), with a per-layer fallback to
   the ``bias`` solution when the solve fails or does not lower the error on held-out samples.
 
+Input side (``TuneOptions.inputs``, beyond the paper, issue 25): before each sublayer's output
+projection is fitted, the query, key and value projections (and before the FFN's, its input
+projection) are refitted so that, fed the student's hidden states ``h``, they reproduce what the
+teacher's produce from its own ``h_t``. Since those projections are linear, the least-squares
+fit of every output row is the same map of the input: ``W' = W A``, ``b' = b + W c`` with
+``A h + c ~ h_t``, ridge-pulled towards ``A = I`` (``input_damp * mean(diag S)``); one ``D x D``
+solve per sublayer from the Gram of ``[h, 1]`` and its cross moments with ``h_t`` (real tokens;
+the last layer's FFN on the tokens it is fitted on). With held-out samples the map is kept only
+where it lowers their error. Layer 0's attention is left alone (its inputs are the teacher's).
+
 The saved model stays an ordinary smaller checkpoint: new weights replace the old ones.
 
 How: every layer's inputs are cached once (teacher and student) and each layer is computed alone
@@ -78,6 +88,8 @@ class TuneOptions:
     first_attention: bool = True  # official: False, layer 0's attention is not tuned
     ffn_target: str = "masked"  # masked | unmasked (official: before the teacher's neuron mask)
     on_failure: str = "layer"  # layer: keep that layer's values | stop: untune later layers
+    inputs: bool = False  # also refit query/key/value and the FFN input projection
+    input_damp: float = 1e-2  # ridge of the input-side map towards identity, relative
     activation_cache_bytes: int = 1 << 30
 
     def __post_init__(self):
@@ -87,13 +99,13 @@ class TuneOptions:
             if getattr(self, name) not in allowed:
                 raise PruneError(f"tune {name}={getattr(self, name)!r}: use one of "
                                  f"{', '.join(allowed)}")
-        for name in ("damp", "weight_damp"):
+        for name in ("damp", "weight_damp", "input_damp"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise PruneError(f"tune {name}={value!r}: use a damping >= 0")
         if not isinstance(self.max_scale, (int, float)) or not self.max_scale > 0:
             raise PruneError(f"tune max_scale={self.max_scale!r}: use a positive bound")
-        for name in ("bias_column", "first_attention"):
+        for name in ("bias_column", "first_attention", "inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise PruneError(f"tune {name}={getattr(self, name)!r}: use true or false")
         if self.cls_only_last is not None and not isinstance(self.cls_only_last, bool):
@@ -116,29 +128,34 @@ def is_question_answering(model: nn.Module) -> bool:
 class TunedWeights:
     """New projection parameters, by ``(layer, "attn" | "ffn")``: ``weight`` holds the kept
     input columns ``[D, kept]`` with their mask values folded in (those units' masks are then
-    1), ``bias`` the whole bias ``[D]``."""
+    1), ``bias`` the whole bias ``[D]``; ``inputs`` the input-side map ``[A | c]`` ``[D, D + 1]``
+    of a sublayer's input projections (``"attn"``: query, key and value; ``"ffn"``: the FFN's
+    input), folded in as ``W A`` and ``b + W c`` (``TuneOptions.inputs``)."""
 
     weight: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     bias: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    inputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.weight or self.bias)
+        return bool(self.weight or self.bias or self.inputs)
 
     def to(self, device) -> "TunedWeights":
-        return TunedWeights({k: v.to(device) for k, v in self.weight.items()},
-                            {k: v.to(device) for k, v in self.bias.items()})
+        return TunedWeights(*({k: v.to(device) for k, v in table.items()}
+                              for table in (self.weight, self.bias, self.inputs)))
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """Plain keys (``"3.attn"``) for ``torch.save``; ``from_state_dict`` reverses it."""
         return {kind: {f"{l}.{part}": t.detach().cpu() for (l, part), t in table.items()}
-                for kind, table in (("weight", self.weight), ("bias", self.bias))}
+                for kind, table in (("weight", self.weight), ("bias", self.bias),
+                                    ("inputs", self.inputs))}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "TunedWeights":
         def keyed(table: dict) -> dict:
             return {(int(k.split(".")[0]), k.split(".")[1]): v for k, v in table.items()}
 
-        return cls(keyed(state.get("weight") or {}), keyed(state.get("bias") or {}))
+        return cls(keyed(state.get("weight") or {}), keyed(state.get("bias") or {}),
+                   keyed(state.get("inputs") or {}))
 
 
 @dataclass
@@ -147,7 +164,7 @@ class LayerFit:
     the fitted tokens and, when there are held-out samples, on them), and why it fell back."""
 
     layer: int
-    part: str  # attn | ffn
+    part: str  # attn | ffn (output projections) | attn_in | ffn_in (the input-side maps)
     before: float
     after: float
     holdout_before: float | None = None
@@ -414,6 +431,7 @@ class _Targets:
     attn: list[torch.Tensor]
     ffn: list[torch.Tensor]
     attn_call: list[tuple]
+    ffn_input: list[torch.Tensor] = field(default_factory=list)  # (B, T, D), with inputs only
 
 
 class _Tuner:
@@ -423,14 +441,22 @@ class _Tuner:
         self.model, self.adapter, self.masks = model, adapter, masks
         self.teacher, self.options, self.streams = teacher, options, streams
         self.weights, self.stats = TunedWeights(), TuneStats()
+        self.maps: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (A^T, c)
 
     def tune_layer(self, l: int) -> bool:
         """Tune layer ``l``; False when tuning must stop (``on_failure="stop"``)."""
         a, opts = self.adapter, self.options
         last = l == a.num_layers - 1
         cls_only = opts.cls_only_last and last
+        teacher_in = {k: [inp.hidden for inp in s.teacher] for k, s in self.streams.items()}
         targets = {k: self._teacher_pass(l, s, cls_only) for k, s in self.streams.items()}
         attn = self._projection(l, "attn")
+        if opts.inputs and attn.units > 0 and l > 0:
+            self._fit_inputs(l, "attn", {
+                k: [(inp.hidden[t], h[t]) for inp, h, t in zip(s.student, teacher_in[k],
+                                                               s.tokens, strict=True)]
+                for k, s in self.streams.items()})
+        del teacher_in
         contexts = {k: self._contexts(l, s, targets[k]) for k, s in self.streams.items()}
         moments = {k: self._moments(l, attn, s, contexts[k], targets[k].attn, "attn")
                    for k, s in self.streams.items()}
@@ -444,6 +470,12 @@ class _Tuner:
         for k, s in self.streams.items():
             ffn_inputs[k] = [self._attn_block(l, attn, inp, u)
                              for inp, u in zip(s.student, contexts[k], strict=True)]
+        if opts.inputs and ffn.units > 0:
+            self._fit_inputs(l, "ffn", {
+                k: [(y[t], yt[t]) for y, yt, t in zip(ffn_inputs[k], targets[k].ffn_input,
+                                                      s.fitted(cls_only), strict=True)]
+                for k, s in self.streams.items()})
+        for k, s in self.streams.items():
             moments[k], acts[k] = self._ffn_moments(l, ffn, s, ffn_inputs[k], targets[k].ffn,
                                                     cls_only, keep=not last)
         del contexts, targets
@@ -470,6 +502,7 @@ class _Tuner:
         ffn_tokens = stream.fitted(cls_only)
         unmasked = self.options.ffn_target == "unmasked" and self.teacher is not None
         with apply_masks(model, a, self.teacher, layers=[l]), \
+                _recording(store, a.module(model, l, "ffn_in"), "y"), \
                 _recording(store, a.module(model, l, "attn_norm"), "z_attn"), \
                 _recording(store, a.module(model, l, "ffn_norm"), "z_ffn"), \
                 _recording(store, a.module(model, l, "ffn_out"), "act", prepend=True), \
@@ -482,6 +515,8 @@ class _Tuner:
                     z_ffn = z_ffn + dropped @ a.module(model, l, "ffn_out").weight.t()
                 out.attn.append(store["z_attn"][stream.tokens[b]])
                 out.ffn.append(z_ffn[ffn_tokens[b]])
+                if self.options.inputs:
+                    out.ffn_input.append(store["y"])
                 args, kwargs = store["call"]
                 out.attn_call.append((args[1:], kwargs))
                 stream.teacher[b] = LayerInput(hidden, inp.args, inp.kwargs)
@@ -509,7 +544,7 @@ class _Tuner:
         out = []
         with _recording(store, a.module(self.model, l, "attn_out"), "u", prepend=True):
             for inp, (args, kwargs) in zip(stream.student, targets.attn_call, strict=True):
-                attention(inp.hidden, *args, **kwargs)
+                attention(self._mapped(l, "attn", inp.hidden), *args, **kwargs)
                 out.append(store.pop("u")[..., kept])
         return out
 
@@ -548,11 +583,56 @@ class _Tuner:
         return m, acts
 
     def _activations(self, l: int, y: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """``ffn_act(ffn_in(y))`` for the kept neurons only."""
+        """``ffn_act(ffn_in(y))`` for the kept neurons only (``y`` through the layer's
+        input-side map first, when it has one)."""
         up = self.adapter.module(self.model, l, "ffn_in")
         b = up.bias[kept] if up.bias is not None else None
         act = self.adapter.module(self.model, l, "ffn_act")
-        return act(nn.functional.linear(y, up.weight[kept], b))
+        return act(nn.functional.linear(self._mapped(l, "ffn", y), up.weight[kept], b))
+
+    # --- the input side ---------------------------------------------------------------------
+
+    def _mapped(self, l: int, part: str, h: torch.Tensor) -> torch.Tensor:
+        """``A h + c``: what the sublayer's input projections see once the map is folded in."""
+        if (l, part) not in self.maps:
+            return h
+        At, c = self.maps[(l, part)]
+        return torch.addmm(c, h.reshape(-1, h.shape[-1]), At).view_as(h)
+
+    def _fit_inputs(self, l: int, part: str,
+                    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Fit ``A h + c ~ h_t`` (student, teacher hidden states [T, D] per batch) for the
+        sublayer's input projections; keep it unless held-out samples say otherwise."""
+        D = self.adapter.hidden_size
+        moments = {}
+        for k, batch_pairs in pairs.items():
+            m = Moments.zeros(D, D)
+            for h, ht in batch_pairs:
+                m.add(h, ht)
+            moments[k] = m
+        fit, held = moments["fit"], moments.get("holdout")
+        identity = Solution(torch.eye(D, dtype=torch.float64),
+                            torch.zeros(D, dtype=torch.float64))
+        sol = solve_weights(fit, identity, self.options.input_damp) if fit.n else None
+        reason = None if sol is not None else "solver failed"
+        if sol is not None and held is not None and \
+                held.error(sol.weight, sol.beta) >= held.error(identity.weight, identity.beta):
+            reason = "no better on held-out samples"
+        chosen = identity if reason else sol
+        self.stats.fits.append(LayerFit(
+            l, f"{part}_in", fit.error(identity.weight, identity.beta),
+            fit.error(chosen.weight, chosen.beta),
+            held.error(identity.weight, identity.beta) if held else None,
+            held.error(chosen.weight, chosen.beta) if held else None,
+            reason, fit.n, "identity" if reason else "map"))
+        if reason:
+            log.info("layer %d %s inputs: %s; left as they are", l, part, reason)
+            return
+        device = self.masks.head.device
+        dtype = self.adapter.module(self.model, l, "ffn_in").weight.dtype
+        self.maps[(l, part)] = (sol.weight.t().contiguous().to(device, dtype),
+                                sol.beta.to(device, dtype))
+        self.weights.inputs[(l, part)] = torch.cat([sol.weight, sol.beta[:, None]], 1).float()
 
     def _ffn_block(self, l: int, proj: Projection, y: torch.Tensor,
                    acts: torch.Tensor | None) -> torch.Tensor:
@@ -766,6 +846,19 @@ def set_weights(model: nn.Module, adapter: Adapter, masks: Masks,
     if not weights:
         return saved
     with torch.no_grad():
+        for (l, part), Ac in weights.inputs.items():  # W A and b + W c
+            names = ("query", "key", "value") if part == "attn" else ("ffn_in",)
+            for name in names:
+                linear = adapter.module(model, l, name)
+                if linear.bias is None:
+                    raise PruneError(f"layer {l} {name} has no bias: the input-side map "
+                                     f"(prune.tune_inputs) needs one; tune without it")
+                A = Ac[:, :-1].to(linear.weight)
+                c = Ac[:, -1].to(linear.weight)
+                saved.append((linear.weight, linear.weight.detach().clone()))
+                saved.append((linear.bias, linear.bias.detach().clone()))
+                linear.bias.add_(linear.weight @ c)
+                linear.weight.copy_(linear.weight @ A)
         for (l, part), bias in weights.bias.items():
             linear = adapter.module(model, l, "attn_out" if part == "attn" else "ffn_out")
             saved.append((linear.bias, linear.bias.detach().clone()))

@@ -30,6 +30,8 @@ CASES = [
      r"^prune.tune_ffn_target='both': use one of masked, unmasked"),
     ("bad-tune-bound", ["prune.tune_max_scale=0"],
      r"^prune.tune_max_scale=0.0: use a positive bound"),
+    ("negative-input-damp", ["prune.tune_inputs=true", "prune.tune_input_damp=-0.01"],
+     r"^prune.tune_input_damp=-0.01: use a damping >= 0"),
     ("bad-tune-mode-while-off", ["prune.tune=off", "prune.tune_weight_damp=-0.5"],
      r"^prune.tune_weight_damp=-0.5: use a damping >= 0"),
 ]

@@ -302,16 +302,17 @@ def test_existing_result_of_another_configuration_is_rerun_and_kept(tiny_checkpo
 
 
 @pytest.mark.parametrize("stage", ["prune.tune=mask", "prune.tune=bias", "prune.tune=weights",
-                                   "prune.tune_teacher=ta", "prune.steps=2"])
+                                   "prune.tune_teacher=ta", "prune.steps=2",
+                                   "prune.tune=weights prune.tune_inputs=true"])
 def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(stage,
                                                                           tiny_checkpoints,
                                                                           tmp_path):
-    """Every tuning mode (and the teacher-assistant target, and iterative pruning, whose first
-    step shares the family's Fisher) gives a family's constraint what a single run at that
+    """Every tuning mode (and the teacher-assistant target, iterative pruning, whose first
+    step shares the family's Fisher, and the input-side maps) gives a family's constraint what a single run at that
     constraint gives: the same masks, tuned weights, tuning fits and
     results."""
     base = [f"model.path={tiny_checkpoints['cls2']}", f"paths.cache_dir={tmp_path}/cache",
-            stage, *FAST]
+            *stage.split(), *FAST]
     family = run([*base, "constraint=[0.4,0.6]"], tmp_path / "family")
     assert [r["constraint"] for r in family] == [0.4, 0.6]
     assert (tmp_path / "family" / "family.png").exists()
@@ -332,14 +333,15 @@ def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(stage,
         for which in ("final", "searched"):
             assert torch.equal(a[which]["head"], b[which]["head"]), which
             assert torch.equal(a[which]["neuron"], b[which]["neuron"]), which
-        for kind in ("weight", "bias"):
+        for kind in ("weight", "bias", "inputs"):
             assert a["weights"][kind].keys() == b["weights"][kind].keys(), kind
             for key, tensor in a["weights"][kind].items():
                 assert torch.equal(tensor, b["weights"][kind][key]), (kind, key)
-        if stage in ("prune.tune=bias", "prune.tune=weights"):
+        if "prune.tune=bias" in stage or "prune.tune=weights" in stage:
             assert a["weights"]["bias"], f"{stage} must tune some projection's bias"
-        if stage == "prune.tune=weights":
+        if "prune.tune=weights" in stage:
             assert a["weights"]["weight"], f"{stage} must rewrite some projection"
+        assert bool(a["weights"]["inputs"]) == ("tune_inputs" in stage), stage
     # re-running the family skips both finished constraints
     assert run([*base, "constraint=[0.4,0.6]"], tmp_path / "family") == family
 

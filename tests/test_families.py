@@ -176,10 +176,13 @@ def test_tuned_masks_and_weights_prune_to_the_same_model(family):
     assert torch.allclose(outputs(pruned, batches[0]), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("obs,floor", [(False, 0.0), (True, 0.0), (False, 0.2)])
-def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, floor, tmp_path):
+@pytest.mark.parametrize("obs,floor,inputs", [(False, 0.0, False), (True, 0.0, False),
+                                              (False, 0.2, False), (False, 0.0, True)])
+def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, floor, inputs,
+                                                                tmp_path):
     """``steps=2`` with weight reconstruction (and with the reconstruction-aware importance,
-    ``obs``, or a floor per layer, ``layer_floor``): the masked model with its tuned weights,
+    ``obs``, a floor per layer, ``layer_floor``, or the input-side maps folded into query, key,
+    value and FFN input, ``tune_inputs``): the masked model with its tuned weights,
     the physically pruned one and its reloaded copy compute the same outputs; with the floor
     every layer keeps at least 20% of its heads and neurons."""
     from prune import PruneOptions, TuneOptions, flops_cost, prune_masks
@@ -188,8 +191,8 @@ def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, flo
     model = tiny_model(family, layers=3)
     adapter = get_adapter(model)
     batches = tiny_batches(4, batch=8)
-    opts = PruneOptions(tune=TuneOptions(mode="weights"), steps=2, granularity=1, obs=obs,
-                        layer_floor=floor)
+    opts = PruneOptions(tune=TuneOptions(mode="weights", inputs=inputs), steps=2,
+                        granularity=1, obs=obs, layer_floor=floor)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10), 0.4, opts,
                          progress=False)
     if floor:
@@ -197,6 +200,7 @@ def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, flo
         assert min(result.masks.neurons_per_layer()) >= \
             math.ceil(floor * result.masks.neuron.shape[1])
     assert result.weights, "weights mode must rewrite some projections"
+    assert bool(result.weights.inputs) == inputs
     with apply_masks(model, adapter, result.masks), \
             applied_weights(model, adapter, result.masks, result.weights):
         expected = outputs(model, batches[0])

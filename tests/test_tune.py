@@ -301,6 +301,47 @@ def test_weight_reconstruction_never_increases_the_fit_error_and_beats_masks(fam
     assert not torch.allclose(outputs(model, batch), expected, atol=1e-3)  # weights restored
 
 
+def test_input_side_maps_fold_into_query_key_value_and_ffn_input(family):
+    """``inputs=True``: each sublayer's input map lowers its own fit error, layer 0's attention
+    has none, and the output projections' recorded errors are what the real model computes
+    once the maps are folded into its weights (``W A``, ``b + W c``); the folded, physically
+    pruned model computes the tuned masked one; on unpruned masks the maps are the identity."""
+    model = tiny_model(family, layers=3)
+    batches = tiny_batches(4)
+    adapter, masks = searched(model, batches, 0.4)
+    options = TuneOptions(mode="weights", inputs=True, cls_only_last=False)
+    result = tune_masks(model, adapter, masks, batches, options=options, progress=False)
+    maps = [f for f in result.stats.fits if f.part.endswith("_in")]
+    heads, neurons = masks.heads_per_layer(), masks.neurons_per_layer()
+    assert {(f.layer, f.part) for f in maps} == \
+        {(l, "attn_in") for l in (1, 2) if heads[l]} | {(l, "ffn_in") for l in range(3)
+                                                         if neurons[l]}
+    assert len(maps) >= 4
+    assert all(f.after <= f.before + 1e-9 for f in maps)
+    assert sum(f.after for f in maps) < sum(f.before for f in maps)
+    assert set(result.weights.inputs) == {(f.layer, f.part[:-3]) for f in maps}
+    measured = measured_errors(model, adapter, result.masks, batches, result.weights)
+    for fit in result.stats.fits:
+        if not fit.part.endswith("_in"):
+            assert fit.after == pytest.approx(measured[(fit.layer, fit.part)], rel=1e-3,
+                                              abs=1e-7), fit
+    plain = tune_masks(model, adapter, masks, batches, progress=False,
+                       options=TuneOptions(mode="weights", cls_only_last=False))
+    deep = [f.after for f in result.stats.fits if f.layer == 2 and f.part == "ffn"]
+    assert deep[0] < [f.after for f in plain.stats.fits if (f.layer, f.part) == (2, "ffn")][0]
+    batch = tiny_batches(1, seed=5)[0]
+    with apply_masks(model, adapter, result.masks), \
+            applied_weights(model, adapter, result.masks, result.weights):
+        expected = outputs(model, batch)
+    small = prune_model(copy.deepcopy(model), result.masks, adapter, result.weights)
+    assert torch.allclose(outputs(small, batch), expected, atol=1e-4)
+    full = tune_masks(model, adapter, Masks.ones(adapter), batches, options=options,
+                      progress=False)
+    for Ac in full.weights.inputs.values():
+        eye = torch.cat([torch.eye(Ac.shape[0]), torch.zeros(Ac.shape[0], 1)], 1)
+        assert torch.allclose(Ac, eye, atol=1e-3)
+
+
 def test_weights_fall_back_when_they_do_not_help_on_held_out_samples():
     """Held-out samples unlike the fit set: a reconstruction fitted to a handful of tokens
     does not carry over, and the per-layer check keeps the scale solution."""
@@ -384,6 +425,8 @@ def test_choice_is_the_lowest_held_out_error_and_the_simpler_on_ties():
     (TuneOptions, dict(mode="sometimes"), "mode='sometimes': use one of mask, bias, weights"),
     (TuneOptions, dict(cls_only_last=1), "cls_only_last=1: use true, false or null"),
     (TuneOptions, dict(first_attention="no"), "first_attention='no': use true or false"),
+    (TuneOptions, dict(inputs="yes"), "inputs='yes': use true or false"),
+    (TuneOptions, dict(input_damp=-0.1), "input_damp=-0.1: use a damping >= 0"),
 ])
 def test_bad_pruning_options_are_rejected_with_one_line(kind, bad, message):
     with pytest.raises(PruneError, match=message) as err:
