@@ -308,9 +308,9 @@ def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(stage,
                                                                           tiny_checkpoints,
                                                                           tmp_path):
     """Every tuning mode (and the teacher-assistant target, iterative pruning, whose first
-    step shares the family's Fisher, and the input-side maps) gives a family's constraint what a single run at that
-    constraint gives: the same masks, tuned weights, tuning fits and
-    results."""
+    step shares the family's Fisher, and the input-side maps) gives a family's constraint
+    what a single run at that constraint gives: the same masks, tuned weights, tuning fits
+    and results."""
     base = [f"model.path={tiny_checkpoints['cls2']}", f"paths.cache_dir={tmp_path}/cache",
             *stage.split(), *FAST]
     family = run([*base, "constraint=[0.4,0.6]"], tmp_path / "family")
