@@ -16,10 +16,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 # Settings that do not change a run's result: where files live (their content is keyed
 # separately), how it reports, re-run flags. The device is keyed as the device actually used.
@@ -70,9 +72,36 @@ def source_files(patterns: tuple[str, ...] = CODE_FILES, root: Path | None = Non
 
 def code_digest(patterns: tuple[str, ...] = CODE_FILES, root: str | Path | None = None) -> str:
     """SHA-256 (16 hex digits) over the paths and bytes of the source files ``patterns`` under
-    ``root`` (the project's root by default)."""
+    ``root`` (the project's root by default).
+
+    Without ``root``, for the digests a record and the Fisher cache carry (``CODE_FILES``,
+    ``FISHER_FILES``): the source as this process loaded it, taken when this module was
+    imported (with the library, at the process's start), not as it is on disk now, so that a
+    file edited while a sweep runs does not label the records of the code still running with
+    the edit's digest; a warning says so once."""
+    if root is None:
+        loaded = _AT_IMPORT.get((tuple(patterns), str(ROOT)))
+        if loaded is not None:
+            digest, stamp = loaded
+            if _stamp(patterns, ROOT) != stamp and (tuple(patterns),) not in _WARNED:
+                _WARNED.add((tuple(patterns),))
+                log.warning("the source changed on disk since this process started: its "
+                            "records name the code it loaded (%s); a new process runs the "
+                            "edit", digest)
+            return digest
     root = Path(ROOT if root is None else root).resolve()
     return _digest(tuple(patterns), str(root), _stamp(patterns, root))
+
+
+# (patterns, root) -> (digest, stamp) of the source this process loaded (``code_digest``)
+_AT_IMPORT: dict[tuple, tuple[str, tuple]] = {}
+_WARNED: set = set()
+
+
+def _snapshot(patterns: tuple[str, ...]) -> None:
+    stamp = _stamp(patterns, ROOT)
+    _AT_IMPORT[(tuple(patterns), str(ROOT))] = (_digest(tuple(patterns), str(ROOT), stamp),
+                                               stamp)
 
 
 def _stamp(patterns, root: Path) -> tuple:
@@ -185,3 +214,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}")
     return out
+
+
+for _patterns in (CODE_FILES, FISHER_FILES):  # the source as this process loaded it
+    _snapshot(_patterns)

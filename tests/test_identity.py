@@ -26,6 +26,33 @@ def copy_sources(root):
     return root
 
 
+def test_a_record_names_the_code_its_process_loaded_not_an_edit_made_since(tmp_path,
+                                                                          monkeypatch, caplog):
+    """A file edited while a sweep runs: the running process still runs the code it imported,
+    so its records (and its Fisher cache key) keep that code's digest, with one warning; a new
+    process (here: the module's import-time snapshot taken again) names the edit."""
+    import experiments.identity as identity
+
+    src = copy_sources(tmp_path / "src")
+    monkeypatch.setattr(identity, "ROOT", src)
+    monkeypatch.setattr(identity, "_AT_IMPORT", {})
+    monkeypatch.setattr(identity, "_WARNED", set())
+    for patterns in (CODE_FILES, FISHER_FILES):
+        identity._snapshot(patterns)
+    loaded, fisher = identity.code_digest(), identity.code_digest(FISHER_FILES)
+    assert loaded == code_digest(root=src) and fisher == code_digest(FISHER_FILES, root=src)
+    fisher_py = src / "prune" / "fisher.py"
+    fisher_py.write_text(fisher_py.read_text() + "\n# edited while running\n")
+    with caplog.at_level("WARNING", logger="experiments.identity"):
+        assert identity.code_digest() == loaded
+        assert identity.code_digest() == loaded
+        assert identity.code_digest(FISHER_FILES) == fisher
+    assert sum("changed on disk" in r.message for r in caplog.records) == 2  # once per digest
+    assert code_digest(root=src) != loaded  # the files themselves say otherwise
+    identity._snapshot(CODE_FILES)  # a new process
+    assert identity.code_digest() == code_digest(root=src) != loaded
+
+
 def test_code_digest_follows_the_source_of_the_modules_that_compute_numbers(tmp_path):
     src = copy_sources(tmp_path / "src")
     assert code_digest(root=src) == code_digest()  # the content, not the place
