@@ -6,6 +6,7 @@ the Fisher pass and mask tuning need, iterative pruning against one shot. Cells 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 
@@ -341,3 +342,41 @@ def methods_table(runs: pd.DataFrame, sweep: str = "iterative_cpu") -> pd.DataFr
                          if time and ref_time and time.n and ref_time.n and ref_time.mean
                          else "--"})
     return frame(rows, index, sort=False)
+
+
+KPRUNE_CSV = Path(__file__).with_name("kprune_results.csv")
+
+
+def kprune_table(runs: pd.DataFrame, model: str = "mpnet") -> pd.DataFrame:
+    """K-prune's figures on BERT-base (``kprune_results.csv``, read from its plots) beside
+    ours on ``model`` (the base size) at the same share of FLOPs removed: the best mean over
+    every stage (``+mask``, ``+weights``) and high-compression method measured there, with its
+    drop from our baseline (baselines differ: BERT-base is not reachable here), and for the
+    geometric-mean row ``frontier_best``'s figure over the same tasks we have."""
+    ref = pd.read_csv(KPRUNE_CSV, comment="#")
+    sel = select(runs, stages=[DEFAULT_STAGE, "+weights"], departures=set(METHOD_KEYS))
+    sel = sel[sel["model"] == model] if not sel.empty else sel
+    best = frontier_best(runs)
+    rows = []
+    for _, r in ref.iterrows():
+        row = {"task": r["task"], "metric": r["metric"],
+               "FLOPs removed": "--" if pd.isna(r["flops_removed"]) else
+               f"{r['flops_removed']:g}%",
+               "K-prune (BERT-base)": f"{r['kprune']:g}",
+               "paper's method (per K-prune)": "--" if pd.isna(r["paper_method"])
+               else f"{r['paper_method']:g}", f"ours ({model})": "--", "ours: setting": "--"}
+        if r["task"] == "geomean":
+            if not best.empty and model in best.index.get_level_values("model"):
+                part = best.loc[model]
+                row[f"ours ({model})"] = part["geomean speedup"].iloc[0]
+                row["ours: setting"] = f"over {len(part)} tasks: {', '.join(part.index)}"
+        elif not sel.empty:
+            kept = round(1 - r["flops_removed"] / 100, 6)
+            at = sel[(sel["task"] == r["task"]) & (sel["constraint"].round(6) == kept)]
+            if not at.empty:
+                top = at.loc[at["pruned_mean"].idxmax()]
+                base = Stat.of(top, "baseline").mean
+                row[f"ours ({model})"] = f"{cell([top])} (drop {base - top['pruned_mean']:.2f})"
+                row["ours: setting"] = f"{top['stage']} {top['variant']}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(["task", "metric", "FLOPs removed"])

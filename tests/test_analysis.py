@@ -679,3 +679,25 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
     assert (one["pruning s"], two["pruning s"]) == ("50.6 ± 0.0", "100.6 ± 0.0")
     assert two["time / default"] == "1.99" and one["vs default"] == ""
     assert (obs["pruning s"], obs["time / default"]) == ("56.6 ± 0.0", "1.12")
+
+
+def test_kprune_reference_sits_beside_our_best_at_the_same_flops_removed(tmp_path):
+    """K-prune's figures come from the committed CSV; ours is the best setting at the same share
+    of FLOPs removed (40% removed = FLOPs 0.6 kept), with its drop; nothing measured: "--"."""
+    from analysis.collect import collect
+    from analysis.studies import kprune_table
+
+    runs = collect(write(tmp_path / "runs", runs_of(
+        mask=three(0.84, model="mpnet", task="mrpc", baseline=0.86, latency=0.6),
+        weights=three(0.855, model="mpnet", task="mrpc", baseline=0.86, latency=0.6,
+                      prune={"tune": "weights"}))))
+    table = kprune_table(runs)
+    row = table.loc[("mrpc", "accuracy", "40%")]
+    assert row["K-prune (BERT-base)"] == "88.3"
+    assert row["ours (mpnet)"] == "85.50 ± 1.00 (drop 0.50)"
+    assert row["ours: setting"] == "+weights default"
+    assert table.loc[("mrpc", "accuracy", "80%"), "paper's method (per K-prune)"] == "68.4"
+    assert table.loc[("mrpc", "accuracy", "80%"), "ours (mpnet)"] == "--"
+    assert table.loc[("squad", "f1", "60%"), "ours (mpnet)"] == "--"
+    geo = table.loc[("geomean", "speedup within 3 points", "--")]
+    assert geo["K-prune (BERT-base)"] == "2.22" and geo["ours (mpnet)"] == "1.67x"
