@@ -448,7 +448,9 @@ class _Tuner:
         a, opts = self.adapter, self.options
         last = l == a.num_layers - 1
         cls_only = opts.cls_only_last and last
-        teacher_in = {k: [inp.hidden for inp in s.teacher] for k, s in self.streams.items()}
+        # the teacher's layer inputs, kept past its pass only for the input-side maps
+        teacher_in = {k: [inp.hidden for inp in s.teacher] if opts.inputs else []
+                      for k, s in self.streams.items()}
         targets = {k: self._teacher_pass(l, s, cls_only) for k, s in self.streams.items()}
         attn = self._projection(l, "attn")
         if opts.inputs and attn.units > 0 and l > 0:
