@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from experiments.config import PruneConf
-from experiments.identity import canonical, key_hash, settings_of, used_identity
+from experiments.identity import canonical, code_of, key_hash, settings_of, used_identity
 
 STAGE_KEYS = ("rearrange", "tune", "tune_teacher")  # define the stage, not the variant
 PATH_KEYS = ("fisher_cache_dir", "sample_file")  # where inputs live (their content is keyed)
@@ -183,9 +183,11 @@ def flatten(value, prefix: str = "") -> dict:
 
 
 def _part(identity: dict, key: str) -> str:
-    """One distinguishing entry: a settings key with its value; data, checkpoint and code by a
-    short digest of their whole content."""
+    """One distinguishing entry: a settings key with its value; the code by its source digest;
+    data and checkpoint by a short digest of their whole content."""
     top = key.split(".")[0]
+    if top == "code" and code_of(identity):  # the digest the run summary and demo table print
+        return f"code={code_of(identity)[:6]}"
     if top in ("data", "checkpoint", "code"):
         return f"{top}={short_hash(identity.get(top), 6)}"
     flat = flatten(identity)

@@ -204,6 +204,21 @@ def test_an_exact_repeat_counts_once_and_the_newest_file_wins(tmp_path):
     assert first["repeats"].iloc[0] == 2
 
 
+def test_rows_that_differ_in_code_are_told_apart_by_the_digest_the_runs_print():
+    """The ``code=`` label is the source digest itself (what the run summary and the demo table
+    print), not a hash of the identity's code entry, so one code has one name everywhere."""
+    from analysis.identity import differences
+
+    a = record(code="15e4b2e0aa11")["identity"]
+    b = record(code="0137b7ffbb22")["identity"]
+    labels = differences({"a": a, "b": b})
+    assert labels == {"a": "code=15e4b2", "b": "code=0137b7"}
+    # data and checkpoint stay named by a digest of their whole content
+    c = record(checkpoint="other")["identity"]
+    label = differences({"a": a, "c": c})["c"]
+    assert label.startswith("checkpoint=") and "code=" in label
+
+
 def test_the_no_difference_rule():
     from analysis.stats import Stat, difference, same
 
