@@ -209,7 +209,8 @@ def tune_samples_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # the high-compression methods beyond the paper, and the sample counts they may need
-METHOD_KEYS = ("steps", "obs", "tune_samples", "num_samples", "layer_floor", "tune_inputs")
+METHOD_KEYS = ("steps", "obs", "obs_greedy", "tune_samples", "num_samples", "layer_floor",
+               "tune_inputs")
 
 
 def _geomean(values: list[float]) -> float:

@@ -19,8 +19,15 @@ recover.
 
 Each unit is judged with all the others present (one-at-a-time OBS); units that stand in for
 each other are all discounted, which iterative pruning (``PruneOptions.steps``) re-measures on
-the pruned model. The moments come from one forward pass (real tokens only) over the samples
-given; ``damp`` (relative to ``mean(diag C)``) conditions the inverse.
+the pruned model. ``greedy_unrecovered`` (``prune.obs_greedy``) removes that flaw as structured
+OBS does: per layer it removes the units one block at a time, the lowest ``Fisher x share``
+first, applies the optimal update of the rest after each removal (the weights and the inverse
+covariance of the columns left), and gives each unit the share it had when it went: its error
+after the updates so far over the error the Fisher importance measured (nothing refitted, the
+original weights), which exceeds 1 for a unit that took over the work of units removed before
+it. Of two copies, the first to go is free and the second then carries both. The moments come
+from one forward pass (real tokens only) over the samples given; ``damp`` (relative to
+``mean(diag C)``) conditions the inverse.
 """
 
 from __future__ import annotations
@@ -132,3 +139,60 @@ def discounted(fisher: Fisher, heads: torch.Tensor, neurons: torch.Tensor) -> Fi
     rearrangement block) times the share reconstruction cannot recover."""
     return replace(fisher, head_grads=fisher.head_grads * heads.sqrt()[None],
                    neuron_grads=fisher.neuron_grads * neurons.sqrt()[None])
+
+
+def _greedy_shares(m: _Moments, weight: torch.Tensor, size: int, importance: torch.Tensor,
+                   damp: float, chunk: int = 1) -> torch.Tensor:
+    """Greedy structured OBS over blocks of ``size`` columns (a head's context, or one FFN
+    neuron): ``chunk`` blocks at a time, the lowest ``importance x share`` first, each block's
+    share taken when it goes (its error after the updates so far over its plain error with the
+    original weights), then the optimal update of the columns left and the Schur complement of
+    the inverse covariance on them."""
+    second, inv = _moments_and_inverse(m, damp)
+    w = weight.detach().double().to(inv.device)  # [out, in]
+    blocks = second.shape[0] // size
+    cols = torch.arange(blocks * size, device=inv.device).reshape(blocks, size)
+    wq = w[:, cols].permute(1, 0, 2)  # [blocks, out, size]
+    plain = torch.einsum("boi,bij,boj->b", wq, second[cols[:, :, None], cols[:, None, :]], wq)
+    score_of = importance.double().to(inv.device)
+    shares = torch.ones(blocks, dtype=torch.float64, device=inv.device)
+    alive = torch.arange(blocks, device=inv.device)  # original block ids, in local order
+    while alive.numel():
+        local = torch.arange(alive.numel() * size, device=inv.device).reshape(-1, size)
+        inner = inv[local[:, :, None], local[:, None, :]]  # [alive, size, size]
+        wq = w[:, local].permute(1, 0, 2)
+        left = torch.einsum("boi,bij,boj->b", wq, torch.linalg.inv(inner), wq)
+        known = plain[alive] > 0  # a block whose output is always zero keeps share 1
+        share = torch.where(known, left / plain[alive].clamp_min(1e-300),
+                            torch.ones_like(left)).clamp_min(0.0)
+        pick = torch.topk(score_of[alive] * share, min(chunk, alive.numel()),
+                          largest=False).indices
+        shares[alive[pick]] = share[pick]
+        gone = torch.zeros(alive.numel(), dtype=torch.bool, device=inv.device)
+        gone[pick] = True
+        q, s = local[gone].reshape(-1), local[~gone].reshape(-1)
+        if s.numel():
+            update = torch.linalg.solve(inv[q][:, q], inv[q][:, s])  # [q, s]
+            w = w[:, s] - w[:, q] @ update
+            inv = inv[s][:, s] - inv[s][:, q] @ update
+        alive = alive[~gone]
+    return shares.cpu()
+
+
+def greedy_unrecovered(model: nn.Module, adapter: Adapter, batches: list[dict], fisher: Fisher,
+                       damp: float = 1e-2, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's ``[L, H]`` and each neuron's ``[L, N]`` share in a greedy structured-OBS
+    order per layer, ordered by ``fisher``'s importance (see the module docstring): heads one at
+    a time, neurons ``chunk`` at a time (the search's granularity)."""
+    stats = input_moments(model, adapter, batches)
+    heads = torch.ones(adapter.num_layers, adapter.num_heads, dtype=torch.float64)
+    neurons = torch.ones(adapter.num_layers, adapter.intermediate_size, dtype=torch.float64)
+    head_imp, neuron_imp = fisher.head_importance, fisher.neuron_importance
+    for layer in range(adapter.num_layers):
+        attn = adapter.module(model, layer, "attn_out").weight
+        heads[layer] = _greedy_shares(stats[(layer, "attn")], attn, adapter.head_size,
+                                      head_imp[layer], damp)
+        ffn = adapter.module(model, layer, "ffn_out").weight
+        neurons[layer] = _greedy_shares(stats[(layer, "ffn")], ffn, 1, neuron_imp[layer], damp,
+                                        chunk)
+    return heads.float(), neurons.float()

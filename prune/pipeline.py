@@ -35,7 +35,7 @@ from prune.cost import CostModel
 from prune.errors import PruneError
 from prune.fisher import AMP_MODES, IMPORTANCE, Fisher, compute_fisher, fisher_chunks
 from prune.masks import Masks, apply_masks
-from prune.obs import discounted, unrecovered
+from prune.obs import discounted, greedy_unrecovered, unrecovered
 from prune.rearrange import rearrange_masks
 from prune.runtime import model_device
 from prune.search import (
@@ -80,6 +80,7 @@ class PruneOptions:
     tune_holdout: int = 128  # samples after those, to check bias/weight solutions on
     steps: int = 1  # 1: one shot (the paper); k: k steps, importance re-measured after each
     obs: bool = False  # discount importance by what reconstruction recovers (prune.obs)
+    obs_greedy: bool = False  # with obs: each unit's share in a greedy OBS order per layer
     layer_floor: float = 0.0  # each layer keeps at least this share of its heads and neurons
 
     def __post_init__(self):
@@ -88,9 +89,12 @@ class PruneOptions:
             if getattr(self, name) not in allowed:
                 raise PruneError(f"{name}={getattr(self, name)!r}: use one of "
                                  f"{', '.join(allowed)}")
-        for name in ("rearrange", "tune_teacher_rearrange", "obs"):
+        for name in ("rearrange", "tune_teacher_rearrange", "obs", "obs_greedy"):
             if not isinstance(getattr(self, name), bool):
                 raise PruneError(f"{name}={getattr(self, name)!r}: use true or false")
+        if self.obs_greedy and not self.obs:
+            raise PruneError("obs_greedy=true orders the reconstruction-aware importance: set "
+                             "obs=true too (prune.obs=true prune.obs_greedy=true)")
         if self.tune is not None and not isinstance(self.tune, TuneOptions):
             raise PruneError(f"tune={self.tune!r}: use TuneOptions(mode=...) (mode one of "
                              f"{', '.join(TUNE_MODES)}), or None for no tuning")
@@ -179,7 +183,10 @@ def prune_masks(
 
     ``opts.obs`` (beyond the paper, ``prune.obs``): each step's importance is discounted by the
     share of a unit's removal error that refitting the rest of its layer cannot recover
-    (``prune.obs.unrecovered``), so units that others can stand in for go first.
+    (``prune.obs.unrecovered``), so units that others can stand in for go first; with
+    ``opts.obs_greedy`` (``prune.obs_greedy``) each unit's share is taken in a greedy
+    structured-OBS order per layer (``prune.obs.greedy_unrecovered``), so of two units that stand
+    in for each other only the first is discounted.
 
     ``opts.layer_floor = f`` (beyond the paper, ``prune.layer_floor``): every step's search
     keeps at least the share ``f`` of each layer's heads and FFN neurons, the layer's most
@@ -239,8 +246,13 @@ def _discounted(model, adapter, sample_batches, fisher: Fisher, opts: PruneOptio
     error that reconstruction cannot recover (``prune.obs``; moments from the tuning samples)."""
     if not opts.obs:
         return fisher
+    samples = first_samples(sample_batches, opts.tune_samples)
     with timed(timings, "obs"):
-        shares = unrecovered(model, adapter, first_samples(sample_batches, opts.tune_samples))
+        if opts.obs_greedy:
+            shares = greedy_unrecovered(model, adapter, samples, fisher,
+                                        chunk=opts.granularity)
+        else:
+            shares = unrecovered(model, adapter, samples)
     return discounted(fisher, *shares)
 
 

@@ -177,14 +177,15 @@ def test_tuned_masks_and_weights_prune_to_the_same_model(family):
 
 
 @pytest.mark.parametrize("obs,floor,inputs", [(False, 0.0, False), (True, 0.0, False),
-                                              (False, 0.2, False), (False, 0.0, True)])
+                                              ("greedy", 0.0, False), (False, 0.2, False),
+                                              (False, 0.0, True)])
 def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, floor, inputs,
                                                                 tmp_path):
     """``steps=2`` with weight reconstruction (and with the reconstruction-aware importance,
-    ``obs``, a floor per layer, ``layer_floor``, or the input-side maps folded into query, key,
-    value and FFN input, ``tune_inputs``): the masked model with its tuned weights,
-    the physically pruned one and its reloaded copy compute the same outputs; with the floor
-    every layer keeps at least 20% of its heads and neurons."""
+    ``obs``, in its greedy order too, a floor per layer, ``layer_floor``, or the input-side maps
+    folded into query, key, value and FFN input, ``tune_inputs``): the masked model with its
+    tuned weights, the physically pruned one and its reloaded copy compute the same outputs;
+    with the floor every layer keeps at least 20% of its heads and neurons."""
     from prune import PruneOptions, TuneOptions, flops_cost, prune_masks
     from prune.tune import applied_weights
 
@@ -192,7 +193,8 @@ def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, flo
     adapter = get_adapter(model)
     batches = tiny_batches(4, batch=8)
     opts = PruneOptions(tune=TuneOptions(mode="weights", inputs=inputs), steps=2,
-                        granularity=1, obs=obs, layer_floor=floor)
+                        granularity=1, obs=bool(obs), obs_greedy=obs == "greedy",
+                        layer_floor=floor)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10), 0.4, opts,
                          progress=False)
     if floor:
