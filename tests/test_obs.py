@@ -5,7 +5,15 @@ import pytest
 import torch
 from conftest import tiny_batches, tiny_model
 
-from prune import PruneOptions, TuneOptions, compute_fisher, flops_cost, get_adapter, prune_masks
+from prune import (
+    PruneError,
+    PruneOptions,
+    TuneOptions,
+    compute_fisher,
+    flops_cost,
+    get_adapter,
+    prune_masks,
+)
 from prune.obs import (
     _greedy_shares,
     _head_shares,
@@ -147,7 +155,7 @@ def test_greedy_unrecovered_on_a_model_and_its_option():
     for layer in range(2):
         first = int(torch.argmin(fisher.head_importance[layer] * one[layer]))
         assert float(heads[layer, first]) == pytest.approx(float(one[layer, first]), rel=1e-4)
-    with pytest.raises(Exception, match="obs=true"):
+    with pytest.raises(PruneError, match="set obs=true too"):
         PruneOptions(obs_greedy=True)
 
 
