@@ -141,6 +141,16 @@ def discounted(fisher: Fisher, heads: torch.Tensor, neurons: torch.Tensor) -> Fi
                    neuron_grads=fisher.neuron_grads * neurons.sqrt()[None])
 
 
+def _block_forms(w: torch.Tensor, mat: torch.Tensor, cols: torch.Tensor,
+                 invert: bool = False) -> torch.Tensor:
+    """``tr(W_Q M_QQ W_Q^T)`` for each row ``Q`` of ``cols`` (``M_QQ^-1`` with ``invert``)."""
+    inner = mat[cols[:, :, None], cols[:, None, :]]  # [blocks, size, size]
+    if invert:
+        inner = torch.linalg.inv(inner)
+    wq = w[:, cols].permute(1, 0, 2)  # [blocks, out, size]
+    return torch.einsum("boi,bij,boj->b", wq, inner, wq)
+
+
 def _greedy_shares(m: _Moments, weight: torch.Tensor, size: int, importance: torch.Tensor,
                    damp: float, chunk: int = 1) -> torch.Tensor:
     """Greedy structured OBS over blocks of ``size`` columns (a head's context, or one FFN
@@ -152,16 +162,13 @@ def _greedy_shares(m: _Moments, weight: torch.Tensor, size: int, importance: tor
     w = weight.detach().double().to(inv.device)  # [out, in]
     blocks = second.shape[0] // size
     cols = torch.arange(blocks * size, device=inv.device).reshape(blocks, size)
-    wq = w[:, cols].permute(1, 0, 2)  # [blocks, out, size]
-    plain = torch.einsum("boi,bij,boj->b", wq, second[cols[:, :, None], cols[:, None, :]], wq)
+    plain = _block_forms(w, second, cols)
     score_of = importance.double().to(inv.device)
     shares = torch.ones(blocks, dtype=torch.float64, device=inv.device)
     alive = torch.arange(blocks, device=inv.device)  # original block ids, in local order
     while alive.numel():
         local = torch.arange(alive.numel() * size, device=inv.device).reshape(-1, size)
-        inner = inv[local[:, :, None], local[:, None, :]]  # [alive, size, size]
-        wq = w[:, local].permute(1, 0, 2)
-        left = torch.einsum("boi,bij,boj->b", wq, torch.linalg.inv(inner), wq)
+        left = _block_forms(w, inv, local, invert=True)
         known = plain[alive] > 0  # a block whose output is always zero keeps share 1
         share = torch.where(known, left / plain[alive].clamp_min(1e-300),
                             torch.ones_like(left)).clamp_min(0.0)
