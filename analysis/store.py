@@ -11,7 +11,7 @@ beside it (not tabled, kept): the MiniLM SST-2 and CoLA records of another machi
 
 A stored record is the run's ``results.json`` (``experiments.records.Record``) without the
 bulky parts no table reads (the resolved config is kept as its sweep name; the identity holds
-the settings), plus where it came from (``_source``) and when it was written (``_written``).
+the settings; of the tuning fits only the output check, ``tune_output``), plus where it came from (``_source``) and when it was written (``_written``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ STORE = Path(__file__).with_name("results") / "records.jsonl"
 def compact(record: dict, source: str, written: float) -> dict:
     """What the store keeps of a record."""
     out = {k: v for k, v in record.items() if k not in ("config", "tune")}
+    check = (record.get("tune") or {}).get("output")
+    if check:  # the output check of bias/weight tuning (prune.guard): small, and read back
+        out["tune_output"] = check
     if not record.get("identity"):  # older records: the identity their config implies
         out["identity"] = derived_identity(record)
     out["config"] = {"sweep_name": (record.get("config") or {}).get("sweep_name")}

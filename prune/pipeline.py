@@ -17,7 +17,9 @@ problem with at most as many unknowns as the layer keeps units, over every token
 sample; 512 samples over-determine it many times, while tuning costs about one forward pass of
 the teacher and one of the student per sample. ``tune_samples=None`` tunes on everything, as
 the paper. The modes that may fall back on held-out samples (``bias``, ``weights``) take the
-``tune_holdout`` samples that follow the tuning samples.
+``tune_holdout`` samples that follow the tuning samples; on them the pipeline also checks the
+whole model's output (``tune_check``, ``prune.guard``) and falls back to mask tuning where the
+mode's fits, each better for its own layer, made the output worse.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 from torch import nn
 
@@ -34,6 +36,7 @@ from prune.arch import Adapter
 from prune.cost import CostModel
 from prune.errors import PruneError
 from prune.fisher import AMP_MODES, IMPORTANCE, Fisher, compute_fisher, fisher_chunks
+from prune.guard import model_outputs, output_error
 from prune.masks import Masks, apply_masks
 from prune.obs import discounted, greedy_unrecovered, unrecovered
 from prune.rearrange import rearrange_masks
@@ -50,6 +53,7 @@ from prune.tune import (
     TUNE_MODES,
     TunedWeights,
     TuneOptions,
+    TuneResult,
     TuneStats,
     applied_weights,
     tune_masks,
@@ -78,6 +82,7 @@ class PruneOptions:
     tune_teacher_rearrange: bool = False  # rearrange the TA mask too (the official code does not)
     tune_samples: int | None = 512  # tune on the first n samples only (None: the whole set)
     tune_holdout: int = 128  # samples after those, to check bias/weight solutions on
+    tune_check: bool = True  # bias/weights: keep mask tuning if the output error is lower
     steps: int = 1  # 1: one shot (the paper); k: k steps, importance re-measured after each
     obs: bool = False  # discount importance by what reconstruction recovers (prune.obs)
     obs_greedy: bool = False  # with obs: each unit's share in a greedy OBS order per layer
@@ -89,7 +94,7 @@ class PruneOptions:
             if getattr(self, name) not in allowed:
                 raise PruneError(f"{name}={getattr(self, name)!r}: use one of "
                                  f"{', '.join(allowed)}")
-        for name in ("rearrange", "tune_teacher_rearrange", "obs", "obs_greedy"):
+        for name in ("rearrange", "tune_teacher_rearrange", "tune_check", "obs", "obs_greedy"):
             if not isinstance(getattr(self, name), bool):
                 raise PruneError(f"{name}={getattr(self, name)!r}: use true or false")
         if self.obs_greedy and not self.obs:
@@ -295,8 +300,38 @@ def _one_step(model, adapter, sample_batches, cost, constraint, opts, fisher, ke
                                               opts.tune_holdout if opts.tune.mode != "mask" else 0)
             tuned = tune_masks(model, adapter, masks, tune_set, teacher, opts.tune, holdout,
                                progress)
+            if holdout and opts.tune_check and opts.tune.mode != "mask":
+                tuned = _checked(model, adapter, masks, tuned, tune_set, teacher, holdout, opts,
+                                 progress)
         result.masks, result.weights, result.tune_stats = tuned.masks, tuned.weights, tuned.stats
     return result
+
+
+def _checked(model, adapter, masks: Masks, tuned: TuneResult, tune_set, teacher, holdout,
+             opts: PruneOptions, progress: bool) -> TuneResult:
+    """``tuned``, or where its output error on the held-out samples (``prune.guard``) is above
+    that of the untuned ``masks``, the better of it and the masks tuned in ``mask`` mode; the
+    errors go into its stats (``output``)."""
+    reference = model_outputs(model, holdout)
+    before = output_error(model, adapter, holdout, reference, masks)
+    after = output_error(model, adapter, holdout, reference, tuned.masks, tuned.weights)
+    check = {"before": before, opts.tune.mode: after, "chosen": opts.tune.mode}
+    if after > before:
+        fallback = tune_masks(model, adapter, masks, tune_set, teacher,
+                              replace(opts.tune, mode="mask"), None, progress)
+        check["mask"] = output_error(model, adapter, holdout, reference, fallback.masks)
+        if check["mask"] < after:
+            log.warning("tune=%s raised the output error on %d held-out samples from %.3f "
+                        "(untuned) to %.3f; mask tuning gives %.3f and is kept (prune."
+                        "tune_check=false keeps %s)", opts.tune.mode, _count(holdout), before,
+                        after, check["mask"], opts.tune.mode)
+            tuned, check["chosen"] = fallback, "mask"
+    tuned.stats.output = check
+    return tuned
+
+
+def _count(batches: list[dict]) -> int:
+    return sum(int(b["input_ids"].shape[0]) for b in batches)
 
 
 def teacher_masks(fisher: Fisher, cost: CostModel, constraint: float,

@@ -178,6 +178,7 @@ class LayerFit:
 @dataclass
 class TuneStats:
     fits: list[LayerFit] = field(default_factory=list)
+    output: dict = field(default_factory=dict)  # the pipeline's output check (prune.guard)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -192,7 +193,8 @@ class TuneStats:
     ffn_after = property(lambda self: self.errors("ffn", "after"))
 
     def as_dict(self) -> dict:
-        return {"fits": [f.__dict__ for f in self.fits], "fallbacks": self.fallbacks}
+        out = {"fits": [f.__dict__ for f in self.fits], "fallbacks": self.fallbacks}
+        return {**out, "output": self.output} if self.output else out
 
 
 @dataclass

@@ -339,6 +339,8 @@ def test_a_family_of_constraints_matches_single_runs_with_the_same_fisher(stage,
                 assert torch.equal(tensor, b["weights"][kind][key]), (kind, key)
         if "prune.tune=bias" in stage or "prune.tune=weights" in stage:
             assert a["weights"]["bias"], f"{stage} must tune some projection's bias"
+            check = record["tune"]["output"]  # the output check on held-out samples
+            assert check["before"] > 0 and check["chosen"] in check, check
         if "prune.tune=weights" in stage:
             assert a["weights"]["weight"], f"{stage} must rewrite some projection"
         assert bool(a["weights"]["inputs"]) == ("tune_inputs" in stage), stage

@@ -192,9 +192,11 @@ def test_iterative_pruning_masked_equals_pruned_equals_reloaded(family, obs, flo
     model = tiny_model(family, layers=3)
     adapter = get_adapter(model)
     batches = tiny_batches(4, batch=8)
+    # the output check off: on a tiny random model it may fall back to mask tuning, and this
+    # test is about the reconstructed weights (tests/test_guard.py tests the check)
     opts = PruneOptions(tune=TuneOptions(mode="weights", inputs=inputs), steps=2,
                         granularity=1, obs=bool(obs), obs_greedy=obs == "greedy",
-                        layer_floor=floor)
+                        layer_floor=floor, tune_check=False)
     result = prune_masks(model, adapter, batches, flops_cost(adapter, 10), 0.4, opts,
                          progress=False)
     if floor:

@@ -112,3 +112,15 @@ def test_the_readme_library_example_runs(tmp_path):
          scope)
     assert sum(p.numel() for p in model.parameters()) < before
     assert (tmp_path / "pruned" / "config.json").exists()
+
+
+def test_store_keeps_the_output_check_of_tuning_and_drops_the_fits():
+    from test_analysis import record
+
+    checked = {**record(pruned=0.80), "tune": {"fits": [{"layer": 0}], "fallbacks": [],
+                                               "output": {"before": 0.4, "weights": 0.2,
+                                                          "chosen": "weights"}}}
+    kept = store.compact(checked, "a", 1.0)
+    assert kept["tune_output"] == {"before": 0.4, "weights": 0.2, "chosen": "weights"}
+    assert "tune" not in kept
+    assert "tune_output" not in store.compact(record(pruned=0.80), "a", 1.0)
