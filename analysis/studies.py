@@ -255,17 +255,21 @@ def frontier_table(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
     FLOPs constraint whose mean metric is within ``within`` points of the baseline, the metric
     there, and the measured speedup of that setting (batch 32, 128 tokens, CPU float32), with
     the geometric mean of the speedups over tasks per model, stage and method (only when every
-    task of the group has one, on one checkpoint)."""
+    task of the group has one, on one checkpoint: a re-made fine-tune that was not timed does not
+    count)."""
     rows = _frontier_rows(runs, within)
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows)
     for _, part in table.groupby(["model", "stage", "method"]):
-        speeds = [v for v in part["_speed"] if v is not None and not pd.isna(v)]
-        one_each = part["task"].nunique() == len(part)  # a task on two checkpoints: no mean
+        # one timed row per task (a re-made fine-tune that was not timed does not count;
+        # a task timed on two checkpoints, or not at all: no mean)
+        timed = part[part["_speed"].map(lambda v: v is not None and not pd.isna(v))]
+        per_task = timed.groupby("task").size()
+        complete = not timed.empty and (per_task == 1).all() and \
+            len(per_task) == part["task"].nunique()
         table.loc[part.index, "geomean speedup"] = \
-            f"{_geomean(speeds):.2f}x" if speeds and len(speeds) == len(part) and one_each \
-            else "--"
+            f"{_geomean(list(timed['_speed'])):.2f}x" if complete else "--"
     table = table.drop(columns="_speed")
     table["_order"] = table["method"] != "default"
     table = table.sort_values(["model", "task", "stage", "_order", "method", "checkpoint"])

@@ -631,6 +631,23 @@ def test_frontier_table(tmp_path):
     assert sst2["geomean speedup"] == "3.36x" and sst2["tasks"] == "3"
 
 
+def test_frontier_geomean_takes_the_timed_checkpoint_of_a_task(tmp_path):
+    """A task re-made on another fine-tune and not timed there (an ablation, latency off) keeps
+    its timed checkpoint's speedup in the mean; timed on both, it has no mean."""
+    from analysis.collect import collect
+    from analysis.studies import frontier_table
+
+    base = dict(s=three(0.87, constraint=0.5, latency=0.5),
+                r=three(0.87, constraint=0.5, task="rte", latency=0.4))
+    untimed = three(0.87, constraint=0.5, task="rte", checkpoint="c1")
+    table = frontier_table(collect(write(tmp_path / "a", runs_of(**base, u=untimed))))
+    assert len(table.loc[("minilm", "rte", "+mask", "default")]) == 2  # one row per checkpoint
+    assert set(table["geomean speedup"]) == {"2.24x"}  # sqrt(2.00 * 2.50)
+    timed = three(0.87, constraint=0.5, task="rte", checkpoint="c1", latency=0.45)
+    table = frontier_table(collect(write(tmp_path / "b", runs_of(**base, u=timed))))
+    assert set(table["geomean speedup"]) == {"--"}
+
+
 def test_second_metric_table(tmp_path):
     """MRPC reports accuracy (the main metric) and F1: F1 gets its own table."""
     from analysis.collect import collect
