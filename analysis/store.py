@@ -11,7 +11,8 @@ beside it (not tabled, kept): the MiniLM SST-2 and CoLA records of another machi
 
 A stored record is the run's ``results.json`` (``experiments.records.Record``) without the
 bulky parts no table reads (the resolved config is kept as its sweep name; the identity holds
-the settings; of the tuning fits only the output check, ``tune_output``), plus where it came from (``_source``) and when it was written (``_written``).
+the settings; of the tuning fits only the output check, ``tune_output``), plus where it came
+from (``_source``) and when it was written (``_written``).
 """
 
 from __future__ import annotations
