@@ -264,7 +264,7 @@ def frontier_table(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
     for _, part in table.groupby(["model", "stage", "method"]):
         # one timed row per task (a re-made fine-tune that was not timed does not count;
         # a task timed on two checkpoints, or not at all: no mean)
-        timed = part[part["_speed"].map(lambda v: v is not None and not pd.isna(v))]
+        timed = part[part["_speed"].notna()]
         per_task = timed.groupby("task").size()
         complete = not timed.empty and (per_task == 1).all() and \
             len(per_task) == part["task"].nunique()

@@ -385,7 +385,7 @@ def split_samples(batches: list[dict], tune: int | None,
                   holdout: int) -> tuple[list[dict], list[dict]]:
     """The tuning samples (the first ``tune``, all if ``None``) and up to ``holdout`` held-out
     samples after them; if none are left, the last ``holdout`` tuning samples are held out."""
-    total = sum(int(b["input_ids"].shape[0]) for b in batches)
+    total = _count(batches)
     fit = total if tune is None else min(tune, total)
     if holdout and fit >= total:  # nothing after the tuning samples: carve from their end
         held = min(holdout, fit // 4)
