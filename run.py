@@ -225,5 +225,18 @@ def main(cfg: DictConfig) -> None:
         stop(hc, write_error_line(err, hc.runtime.output_dir), 2)
 
 
+def check_command_line(args: list[str]) -> None:
+    """Typed options' values on the command line, before Hydra reads them (one line, exit 2)."""
+    from experiments.config import check_override_values
+    from experiments.errors import RunError
+
+    try:
+        check_override_values(args)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

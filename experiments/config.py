@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +209,62 @@ def check_known_keys(cfg) -> None:
                                          for f in dataclasses.fields(sch)])
             raise RunError(f"unknown option {prefix}{unknown[0]}{hint}: remove it; "
                            f"`python run.py --cfg job` lists every option")
+
+
+# the schema's nodes by their dotted prefix, for the command line's typed values
+_NODES = {"": RunConf, "prune": PruneConf, "task": TaskConf, "latency": LatencyConf,
+          "eval": EvalConf}
+_SPELLED = {bool: "true or false", int: "a whole number", float: "a number"}
+
+
+def _typed_leaf(key: str) -> tuple[type, bool] | None:
+    """The schema's type of option ``key`` (``prune.obs``) and whether it takes null, for a
+    bool, int or float option; ``None`` for any other key (a group, a path, a free value)."""
+    prefix, _, name = key.rpartition(".")
+    schema = _NODES.get(prefix)
+    if schema is None:
+        return None
+    kind = typing.get_type_hints(schema).get(name)
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and \
+        type(None) in typing.get_args(kind)
+    if optional:
+        rest = [a for a in typing.get_args(kind) if a is not type(None)]
+        kind = rest[0] if len(rest) == 1 else None
+    return (kind, optional) if kind in _SPELLED else None
+
+
+def _reads_as(kind: type, text: str) -> bool:
+    """Whether ``text`` is a value of ``kind`` as Hydra's grammar writes one."""
+    if kind is bool:
+        return text.lower() in ("true", "false")
+    if kind is int:
+        return re.fullmatch(r"[+-]?\d+(_\d+)*", text) is not None
+    try:
+        float(text.replace("_", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def check_override_values(overrides: list[str]) -> None:
+    """Each bool, int or float option on the command line (each value of a sweep's list) is
+    written as its type, checked before Hydra composes the config: Hydra reads any whole
+    number as a boolean (``prune.obs=3`` would run as true) and stops on ``prune.obs=maybe``
+    with a message of several lines; here either is one line naming the fix. Values Hydra
+    computes (``range(3)``, interpolations, quoted text) are left to Hydra."""
+    for arg in overrides:
+        if arg.startswith(("-", "~")) or "=" not in arg:
+            continue
+        key, _, value = arg.lstrip("+").partition("=")
+        leaf = _typed_leaf(key)
+        if leaf is None or any(c in value for c in "()[]{}$'\""):
+            continue
+        kind, optional = leaf
+        for item in value.split(","):
+            item = item.strip()
+            if not (_reads_as(kind, item) or (optional and item.lower() == "null")):
+                spelled = _SPELLED[kind] + (" or null" if optional else "")
+                raise RunError(f"{key}={item}: use {spelled}")
 
 
 def _positive(name: str, value, zero: bool = False, allow_none: bool = False) -> None:

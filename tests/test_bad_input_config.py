@@ -72,3 +72,47 @@ def test_a_noisy_latency_says_so_in_the_summary():
     assert "NOISY" not in latency_line({**lat, "noisy": False})
     line = latency_line({**lat, "noisy": True})
     assert "\n" not in line and "NOISY" in line and "1777.2 -> 2298.1" in line
+
+
+# --- typed values on the command line: Hydra reads any whole number as a boolean -------------
+
+TYPED = [
+    (["prune.obs=3"], "prune.obs=3: use true or false"),  # Hydra would run it as obs=true
+    (["prune.obs=maybe"], "prune.obs=maybe: use true or false"),  # Hydra: several lines
+    (["latency.enabled=1"], "latency.enabled=1: use true or false"),
+    (["+prune.rearrange=0"], "prune.rearrange=0: use true or false"),
+    (["prune.obs=false,3"], "prune.obs=3: use true or false"),  # each value of a sweep
+    (["prune.steps=2.5"], "prune.steps=2.5: use a whole number"),
+    (["prune.tune_samples=nul"], "prune.tune_samples=nul: use a whole number or null"),
+    (["eval.max_samples="], "eval.max_samples=: use a whole number or null"),
+    (["prune.layer_floor=abc"], "prune.layer_floor=abc: use a number"),
+]
+FINE = ["prune.obs=false,true", "progress=False", "seed=0,1,2", "seed=range(3)",
+        "prune.tune_samples=null", "prune.tune_damp=1e-3", "prune.tune_samples=1_024",
+        "constraint=[0.2,0.3]", "task=sst2", "model.path=/some/where", "prune.tune=weights",
+        "hydra.job.chdir=false", "-m", "--cfg", "job", "~prune.obs"]
+
+
+@pytest.mark.parametrize("args,line", TYPED, ids=[t[0][0] for t in TYPED])
+def test_a_typed_option_written_as_another_type_is_one_line(args, line):
+    from experiments.config import check_override_values
+
+    with pytest.raises(RunError) as err:
+        check_override_values(args)
+    assert str(err.value) == line
+
+
+def test_typed_options_written_as_hydra_writes_them_pass():
+    from experiments.config import check_override_values
+
+    check_override_values(FINE)  # raises nothing
+
+
+def test_a_whole_number_for_a_switch_stops_the_cli_before_hydra(tmp_path):
+    from test_run import cli
+
+    res, _ = cli("-m", "prune.obs=false,3", f"paths.output_dir={tmp_path}/out")
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert out.strip() == "error: prune.obs=3: use true or false", out
+    assert not (tmp_path / "out").exists()
