@@ -78,6 +78,8 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
                      ("largest speedup within 3 points per task", frontier_best(runs))],
         "kprune": [("K-prune on BERT-base beside ours", kprune_table(runs))],
         "methods": [("high-compression methods", methods_table(runs)),
+                    ("high-compression methods beside the frontier (MiniLM, timed)",
+                     methods_table(runs, "frontier_cpu")),
                     ("high-compression methods on MPNet-base",
                      methods_table(runs, "frontier_mpnet")),
                     ("a floor per layer on MPNet-base (prune.layer_floor)",
