@@ -30,6 +30,7 @@ from analysis.studies import (
     departures_table,
     frontier_best,
     frontier_table,
+    grid_table,
     kprune_table,
     latency_table,
     methods_table,
@@ -50,7 +51,8 @@ from analysis.tables import (
 )
 
 TABLES = ["demo", "main", "second", "goals", "ablation", "departures", "latency", "unlabeled",
-          "adaptive", "weights_damp", "samples", "tune_samples", "frontier", "kprune", "methods"]
+          "adaptive", "weights_damp", "samples", "tune_samples", "frontier", "grid", "kprune",
+          "methods"]
 RESULTS = Path(__file__).with_name("results")
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"(<!-- make-tables:([\w-]+) -->\n)(.*?)(<!-- /make-tables:\2 -->)", re.S)
@@ -76,6 +78,8 @@ def tables(runs: pd.DataFrame) -> dict[str, list[tuple[str, pd.DataFrame]]]:
         "tune_samples": [("tune_samples", tune_samples_table(runs))],
         "frontier": [("frontier", frontier_table(runs)),
                      ("largest speedup within 3 points per task", frontier_best(runs))],
+        "grid": [("issue 25's grid: the pruned metric (and measured speedup) by FLOPs",
+                  grid_table(runs))],
         "kprune": [("K-prune on BERT-base beside ours", kprune_table(runs))],
         "methods": [("high-compression methods", methods_table(runs)),
                     ("high-compression methods beside the frontier (MiniLM, timed)",

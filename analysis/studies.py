@@ -303,6 +303,50 @@ def frontier_best(runs: pd.DataFrame, within: float = 3.0) -> pd.DataFrame:
     return table.drop(columns="_speed").set_index(["model", "task"]).sort_index()
 
 
+GRID = (0.1, 0.15, 0.2, 0.25, 0.3)  # issue 25's FLOPs constraints
+
+
+def grid_table(runs: pd.DataFrame, constraints: tuple[float, ...] = GRID) -> pd.DataFrame:
+    """Issue 25's grid: per model, task, stage (``+mask``, ``+weights``), method (the one-shot
+    default or a high-compression option of ``METHOD_KEYS``) and checkpoint, the pruned metric
+    at each FLOPs constraint of ``constraints`` with the measured speedup there (``--``: not
+    run). A cell measured by more than one setting (another code digest) shows the one with the
+    most seeds, a timed one first, and says how many more there are; ``methods_table`` shows
+    them all."""
+    sel = select(runs, stages=[DEFAULT_STAGE, "+weights"], departures=set(METHOD_KEYS))
+    wanted = [round(c, 6) for c in constraints]
+    if not sel.empty:
+        sel = sel[sel["constraint"].round(6).isin(wanted)]
+    if sel.empty:
+        return pd.DataFrame()
+    sel = sel.assign(_checkpoint=sel["_identity"].map(
+        lambda i: short_hash(i.get("checkpoint"), 6)), _at=sel["constraint"].round(6),
+        _timed=sel["speedup_n"] > 0)
+    rows = []
+    for (model, task, stage, method, checkpoint), part in sel.groupby(
+            ["model", "task", "stage", "variant", "_checkpoint"]):
+        base = Stat.pooled([Stat.of(s, "baseline") for _, s in part.iterrows()]).mean
+        row = {"model": model, "task": task, "stage": stage, "method": method,
+               "checkpoint": checkpoint, "baseline": f"{base:.2f}"}
+        for c, at in zip(constraints, wanted, strict=True):
+            here = part[part["_at"] == at].sort_values(["pruned_n", "_timed"], ascending=False)
+            text = "--"
+            if not here.empty:
+                first = here.iloc[0]
+                speed = Stat.of(first, "speedup")
+                text = Stat.of(first, "pruned").fmt(2) + (f" ({speed.mean:.1f}x)" if speed.n
+                                                          else "")
+                if len(here) > 1:
+                    text += f" (+{len(here) - 1} more)"
+            row[f"{c:g}"] = text
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["_order"] = table["method"] != "default"
+    table = table.sort_values(["model", "task", "_order", "method", "stage", "checkpoint"])
+    return table.drop(columns="_order").set_index(["model", "task", "stage", "method",
+                                                   "checkpoint"])
+
+
 def pruning_seconds(runs: pd.DataFrame, setting: str) -> Stat:
     """Seconds to prune at one constraint, per seed, as if every run computed its own first
     Fisher pass: the record's pruning time with the time it took to get that pass (computed or

@@ -648,6 +648,40 @@ def test_frontier_geomean_takes_the_timed_checkpoint_of_a_task(tmp_path):
     assert set(table["geomean speedup"]) == {"--"}
 
 
+def test_grid_table(tmp_path):
+    """Issue 25's grid: one row per stage, method and checkpoint, a cell per FLOPs of the grid
+    (the metric, and the measured speedup when timed), ``--`` where not run, constraints off
+    the grid left out, and a cell measured on two code digests shows the one with more seeds."""
+    from analysis.collect import collect
+    from analysis.identity import short_hash
+    from analysis.studies import grid_table
+
+    def short_hash_of(checkpoint: str) -> str:  # as record() writes it
+        return short_hash({"files": {"model.safetensors": checkpoint}}, 6)
+
+    runs = runs_of(
+        m1=three(0.40, constraint=0.1, latency=0.125),
+        m3=three(0.80, constraint=0.3),
+        m5=three(0.86, constraint=0.5, latency=0.6),  # off the grid
+        w2=three(0.85, constraint=0.2, latency=0.25, prune={"tune": "weights"}),
+        w2old=three(0.70, constraint=0.2, prune={"tune": "weights"}, code="0ld")[:2],
+        i2=three(0.88, constraint=0.2, latency=0.25, prune={"tune": "weights", "steps": 2}),
+        c2=three(0.60, constraint=0.2, prune={"tune": "weights"}, checkpoint="c1",
+                 baseline=0.95))
+    table = grid_table(collect(write(tmp_path, runs)))
+    mask = table.loc[("minilm", "sst2", "+mask", "default", short_hash_of("c0"))]
+    assert (mask["0.1"], mask["0.15"], mask["0.3"]) == ("40.00 ± 1.00 (8.0x)", "--",
+                                                        "80.00 ± 1.00")
+    assert "0.5" not in table.columns
+    weights = table.loc[("minilm", "sst2", "+weights", "default", short_hash_of("c0"))]
+    assert weights["0.2"] == "85.00 ± 1.00 (4.0x) (+1 more)"  # 3 seeds before 2
+    steps = table.loc[("minilm", "sst2", "+weights", "steps=2", short_hash_of("c0"))]
+    assert steps["0.2"] == "88.00 ± 1.00 (4.0x)"
+    other = table.loc[("minilm", "sst2", "+weights", "default", short_hash_of("c1"))]
+    assert (other["baseline"], other["0.2"]) == ("95.00", "60.00 ± 1.00")  # never pooled
+    assert list(table.index.get_level_values("method")) == ["default"] * 3 + ["steps=2"]
+
+
 def test_second_metric_table(tmp_path):
     """MRPC reports accuracy (the main metric) and F1: F1 gets its own table."""
     from analysis.collect import collect
