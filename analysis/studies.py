@@ -105,12 +105,20 @@ def unlabeled_table(runs: pd.DataFrame) -> pd.DataFrame:
                   for key, c in grid(sel, index, "importance").items()], index)
 
 
+def fisher_seconds_by_key(runs: pd.DataFrame) -> pd.Series:
+    """Mean seconds of the Fisher passes computed for each cache key, each pass counted once: a
+    family run records its one pass on every constraint's row, which must not weigh it more than
+    a single-constraint run's pass of the same key."""
+    computed = runs.dropna(subset=["fisher_seconds", "fisher_key"])
+    computed = computed.drop_duplicates(subset=["fisher_key", "fisher_seconds"])
+    return computed.groupby("fisher_key")["fisher_seconds"].mean()
+
+
 def fisher_time(runs: pd.DataFrame, setting: str) -> Stat:
     """Seconds of the Fisher pass of a setting over seeds. A run that hit the cache has no time
     of its own: it takes the time of any run that computed the same cache key (the same
     computation, whichever constraint, stage or repeat paid for it)."""
-    computed = runs.dropna(subset=["fisher_seconds", "fisher_key"])
-    by_key = computed.groupby("fisher_key")["fisher_seconds"].mean()
+    by_key = fisher_seconds_by_key(runs)
     part = runs[runs["setting"] == setting]
     seconds = part["fisher_seconds"].fillna(part["fisher_key"].map(by_key))
     per_seed = seconds.groupby(part["seed"]).mean().dropna()
@@ -352,8 +360,7 @@ def pruning_seconds(runs: pd.DataFrame, setting: str) -> Stat:
     Fisher pass: the record's pruning time with the time it took to get that pass (computed or
     loaded from the cache) replaced by the pass's computed time (any run of the same cache key
     paid for it); later iterative steps' passes are in the record's own time."""
-    computed = runs.dropna(subset=["fisher_seconds", "fisher_key"])
-    by_key = computed.groupby("fisher_key")["fisher_seconds"].mean()
+    by_key = fisher_seconds_by_key(runs)
     part = runs[runs["setting"] == setting]
     total = part["t_pruning"] - part["fisher_got"] + part["fisher_key"].map(by_key)
     per_seed = total.groupby(part["seed"]).mean().dropna()

@@ -747,6 +747,28 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
     assert (obs["pruning s"], obs["time / default"]) == ("56.6 ± 0.0", "1.12")
 
 
+def test_a_family_runs_fisher_pass_counts_once_in_a_cache_hits_time(tmp_path):
+    """A cache hit is charged the mean of the passes computed for its key, each pass once: a
+    family run's pass (on each of its three constraints' rows, 30 s) and a single run's (60 s)
+    average to 45 s, not to 37.5 s as four rows would."""
+    from analysis.collect import collect
+    from analysis.studies import pruning_seconds
+
+    runs = {f"family/c{c}": record(constraint=c, prune={"tune": "weights"},
+                                   fisher={"key": "k", "hit": False, "seconds": 30.0})
+            for c in (0.2, 0.25, 0.3)}
+    runs["single"] = record(constraint=0.4, prune={"tune": "weights"},
+                            fisher={"key": "k", "hit": False, "seconds": 60.0})
+    hit = record(constraint=0.2, prune={"tune": "weights", "steps": 2},
+                 fisher={"key": "k", "hit": True, "seconds": 0.5})
+    hit["timings"].update(fisher=0.5, tune=10.0, pruning_total=10.5)
+    runs["hit"] = hit
+    table = collect(write(tmp_path, runs))
+    row = table[table["path"].astype(str).str.contains("hit")].iloc[0]
+    stat = pruning_seconds(table, row["setting"])
+    assert round(stat.mean, 6) == round(row["t_pruning"] - 0.5 + 45.0, 6)
+
+
 def test_kprune_reference_sits_beside_our_best_at_the_same_flops_removed(tmp_path):
     """K-prune's figures come from the committed CSV; ours is the best setting at the same share
     of FLOPs removed (40% removed = FLOPs 0.6 kept), with its drop; nothing measured: "--"."""
