@@ -629,6 +629,23 @@ def test_frontier_table(tmp_path):
     assert best.loc[("minilm", "qnli")]["baseline"] == "82.00"  # the checkpoint within 3
     # (8.00 * 2.857 * 1.667) ** (1 / 3)
     assert sst2["geomean speedup"] == "3.36x" and sst2["tasks"] == "3"
+    assert sst2["geomean: sst2, mrpc, stsb"] == "--"  # mrpc and stsb not measured
+
+
+def test_frontier_best_gives_issue_25s_geomean_over_its_three_tasks(tmp_path):
+    """Issue 25's 2.5x goal is over SST-2, MRPC and STS-B: a fourth task (RTE) counts in the
+    mean over every task, not in this one."""
+    from analysis.collect import collect
+    from analysis.studies import frontier_best
+
+    runs = runs_of(**{task: three(0.88, constraint=0.2, task=task, latency=latency,
+                                  prune={"tune": "weights"})
+                      for task, latency in (("sst2", 0.25), ("mrpc", 0.5), ("stsb", 0.2),
+                                            ("rte", 0.125))})
+    best = frontier_best(collect(write(tmp_path, runs)))
+    row = best.loc[("minilm", "rte")]
+    assert row["geomean: sst2, mrpc, stsb"] == "3.42x"  # (4 * 2 * 5) ** (1 / 3)
+    assert row["geomean speedup"] == "4.23x" and row["tasks"] == "4"  # (4 * 2 * 5 * 8) ** 0.25
 
 
 def test_frontier_geomean_takes_the_timed_checkpoint_of_a_task(tmp_path):
@@ -732,10 +749,21 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
         # made before the record's total counted the obs stage: the table adds it
         obs["timings"].update(fisher=0.1, obs=6.0, pruning_total=20.71)
         runs[f"obs{s}"] = obs
+        all_ = record(seed=s, constraint=0.2, pruned=0.81, sweep="iterative_cpu",
+                      prune={"tune": "weights", "tune_samples": None},
+                      fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
+        all_["timings"].update(fisher=0.1, tune=40.0, pruning_total=40.6)
+        runs[f"all{s}"] = all_
+        both = record(seed=s, constraint=0.2, pruned=0.83, sweep="iterative_cpu",
+                      prune={"tune": "weights", "steps": 2, "tune_samples": None},
+                      fisher={"key": f"k{s}", "hit": True, "seconds": 0.1})
+        both["timings"].update(fisher=30.1, tune=80.0, pruning_total=140.6)
+        runs[f"both{s}"] = both
     runs["elsewhere"] = record(constraint=0.4, prune={"tune": "weights"})  # nothing to pair
     runs["another-sweep"] = record(constraint=0.2, prune={"tune": "weights", "steps": 3})
     table = methods_table(collect(write(tmp_path, runs)))
-    assert list(table.index.get_level_values("method")) == ["default", "obs=true", "steps=2"]
+    methods = list(table.index.get_level_values("method"))
+    assert methods[:3] == ["default", "obs=true", "steps=2"] and len(methods) == 5
     one = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "default")]
     two = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "steps=2")]
     obs = table.loc[("minilm", "sst2", "accuracy", "+weights", 0.2, "obs=true")]
@@ -745,6 +773,17 @@ def test_methods_table_pairs_each_method_with_one_shot_and_counts_every_fisher_p
     assert (one["pruning s"], two["pruning s"]) == ("50.6 ± 0.0", "100.6 ± 0.0")
     assert two["time / default"] == "1.99" and one["vs default"] == ""
     assert (obs["pruning s"], obs["time / default"]) == ("56.6 ± 0.0", "1.12")
+    # issue 25's bound: against the one-shot run on the same samples, not the default
+    same = "time / one shot, same samples"
+    assert (one[same], two[same], obs[same]) == ("1.00", "1.99", "1.12")
+    rows = table.reset_index().set_index("method")
+    both = rows.loc[[m for m in methods if "steps=2" in m and "tune_samples" in m][0]]
+    alone = rows.loc[[m for m in methods if m.startswith("tune_samples")][0]]
+    seconds = {name: float(row["pruning s"].split()[0]) for name, row in
+               (("alone", alone), ("both", both), ("one", one))}
+    assert seconds["alone"] > seconds["one"] + 15  # tuned on all samples: 40 s, not 20
+    assert (both[same], alone[same]) == (f"{seconds['both'] / seconds['alone']:.2f}", "1.00")
+    assert both["time / default"] == f"{seconds['both'] / seconds['one']:.2f}" != both[same]
 
 
 def test_a_family_runs_fisher_pass_counts_once_in_a_cache_hits_time(tmp_path):
