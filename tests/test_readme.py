@@ -23,14 +23,18 @@ def test_readme_tables_are_generated_from_the_committed_data():
             f"analysis/results/; run `make tables` and commit README.md")
 
 
+def _prose_and_tables() -> tuple[str, str]:
+    """The README without its generated blocks, and those blocks."""
+    text = (ROOT / "README.md").read_text()
+    return BLOCK.sub("", text), "\n".join(readme_blocks(ROOT / "README.md").values())
+
+
 def test_every_mean_and_spread_in_the_readme_prose_is_in_a_generated_table():
     """A figure typed by hand drifts: each ``mean ± std`` the prose quotes (a result, or a
     paired difference) must be one that ``make tables`` printed into the README."""
     import re
 
-    text = (ROOT / "README.md").read_text()
-    generated = "\n".join(readme_blocks(ROOT / "README.md").values())
-    prose = BLOCK.sub("", text)
+    prose, generated = _prose_and_tables()
     figures = re.findall(r"[-+]?\d+\.\d+ ± \d+\.\d+", prose)
     assert len(figures) > 50  # the pattern still finds the prose's figures
     typed = sorted({f for f in figures if f.lstrip("+") not in generated})
@@ -45,9 +49,7 @@ def test_every_ratio_in_the_readme_prose_is_in_a_generated_table():
     import re
 
     published = {"1.56"}  # the paper's best latency reduction (../shared/METHOD.md)
-    text = (ROOT / "README.md").read_text()
-    generated = "\n".join(readme_blocks(ROOT / "README.md").values())
-    prose = BLOCK.sub("", text)
+    prose, generated = _prose_and_tables()
     ratios = re.findall(r"(?<![\d.])(\d+\.\d\d)x\b", prose)
     assert len(ratios) > 30  # the pattern still finds the prose's ratios
     typed = sorted({r for r in ratios if r not in published and f"{r}x" not in generated
